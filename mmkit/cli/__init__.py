@@ -1,0 +1,1 @@
+"""The command-line interface: `app.py` owns the Typer app, one thin module per command."""

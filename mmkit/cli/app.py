@@ -1,0 +1,52 @@
+"""The `mmkit` Typer app. Each command lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from mmkit import __version__
+from mmkit.cli import count
+
+app = typer.Typer(
+    name="mmkit",
+    help="Build, size, fit, train and honestly compare multimodal PyTorch models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+
+app.command(name="count")(count.count_cli)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"mmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """Build, size, fit, train and honestly compare multimodal PyTorch models."""
+
+
+def main() -> None:
+    """Console entry point. Internal errors show a traceback only with MMKIT_DEBUG=1."""
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - last line of defence for bugs, not user errors
+        if os.environ.get("MMKIT_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        print(
+            f"mmkit: internal error: {type(exc).__name__}: {exc} (set MMKIT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)

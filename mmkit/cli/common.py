@@ -1,0 +1,71 @@
+"""What every command shares: user-error handling, `--set` parsing, JSON and rich output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from mmkit.errors import MmkitError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def user_errors_exit_2(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn an MmkitError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except MmkitError as exc:
+            print(f"mmkit: error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def parse_set_options(items: list[str] | None, strip_prefix: str | None = None) -> dict[str, Any]:
+    """`["model.width=256", "lr=3e-4"]` → `{"model.width": 256, "lr": 0.0003}`."""
+    from mmkit.models.registry import parse_override_value
+
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise MmkitError(f"--set expects key=value, got {item!r}")
+        if strip_prefix and key.startswith(strip_prefix):
+            key = key[len(strip_prefix) :]
+        overrides[key] = parse_override_value(value.strip())
+    return overrides
+
+
+def print_json(document: Any) -> None:
+    """Exactly one JSON document on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def human_count(n: int | float) -> str:
+    """2365962 → '2.37M'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int | float) -> str:
+    """Binary units: 9463848 → '9.03 MiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,1 @@
+"""Datasets: built-in procedural sets, real-format loaders, the tensor-file format."""

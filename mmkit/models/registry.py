@@ -1,0 +1,248 @@
+"""The model registry: the only way in is `create_model(name, size=None, **overrides)`.
+
+A family is one file in `mmkit/models/` that defines a frozen pydantic config, a model class and
+one builder decorated with `@register_model(...)`; the builder's function name is the registry key
+(as in timm). Named sizes are data (config instances); the *size ladder* is a tuple of widths,
+largest first, that the memory planner walks through `config.at_width(width)`.
+
+Sizes are spelled `NAME` (a named size) or `wN` (the family's default size rescaled to width N,
+e.g. `w192`), so that every point of the ladder has a name a user can type back in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Self
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from mmkit.errors import MmkitError, unknown_choice
+
+
+class ModelConfig(BaseModel):
+    """Base of every family's config: frozen, serializable, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_classes: int
+
+    @property
+    def width(self) -> int:
+        """The feature width the size ladder is measured in."""
+        raise NotImplementedError
+
+    def at_width(self, width: int) -> Self:
+        """This config rescaled to `width` (the family documents how the other dims follow)."""
+        raise NotImplementedError
+
+
+class InputSpec(NamedTuple):
+    """One named model input, without the batch dimension."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    high: int | None = None  # integer inputs (token ids) are drawn from [0, high)
+
+
+class MultimodalModel(nn.Module):
+    """Base of every registered model.
+
+    Forward contract: `model(**inputs)` with inputs named by modality returns class logits
+    `[B, num_classes]`, or a named structure whose `logits` field is that (see `logits_of`).
+    """
+
+    config: ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def input_specs(self) -> dict[str, InputSpec]:
+        raise NotImplementedError
+
+    def example_inputs(
+        self, batch_size: int, device: torch.device | str | None = None, seed: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Random inputs of the right names, shapes and dtypes, on the model's device by default."""
+        if device is None:
+            first = next(self.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        device = torch.device(device)
+        generator = None
+        if seed is not None and device.type != "meta":
+            generator = torch.Generator(device=device).manual_seed(seed)
+        inputs = {}
+        for name, spec in self.input_specs().items():
+            shape = (batch_size, *spec.shape)
+            if spec.high is not None:
+                inputs[name] = torch.randint(
+                    0, spec.high, shape, dtype=spec.dtype, device=device, generator=generator
+                )
+            else:
+                inputs[name] = torch.randn(shape, dtype=spec.dtype, device=device, generator=generator)
+        return inputs
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Class logits from a model output: the tensor itself or its `logits` field."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[[Any], MultimodalModel]
+    sizes: Mapping[str, ModelConfig]
+    default_size: str
+    ladder: tuple[int, ...]  # widths, largest first
+    default_data: str
+    description: str
+
+    @property
+    def config_class(self) -> type[ModelConfig]:
+        return type(self.sizes[self.default_size])
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+_WIDTH_SIZE = re.compile(r"w(\d+)")
+
+
+def register_model(
+    *,
+    sizes: Mapping[str, ModelConfig],
+    default_size: str,
+    ladder: tuple[int, ...],
+    default_data: str,
+) -> Callable[[Callable[[Any], MultimodalModel]], Callable[[Any], MultimodalModel]]:
+    """Register a family builder under its function name."""
+    if default_size not in sizes:
+        raise ValueError(f"default size {default_size!r} is not one of {sorted(sizes)}")
+    if list(ladder) != sorted(ladder, reverse=True):
+        raise ValueError(f"size ladder must be ordered from large to small: {ladder}")
+
+    def decorator(build: Callable[[Any], MultimodalModel]) -> Callable[[Any], MultimodalModel]:
+        name = build.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        doc = (build.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = ModelEntry(
+            name=name,
+            build=build,
+            sizes=dict(sizes),
+            default_size=default_size,
+            ladder=tuple(ladder),
+            default_data=default_data,
+            description=doc[0] if doc else "",
+        )
+        return build
+
+    return decorator
+
+
+def _ensure_families_loaded() -> None:
+    import mmkit.models  # noqa: F401  (importing the package registers every family)
+
+
+def list_models() -> list[str]:
+    _ensure_families_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    _ensure_families_loaded()
+    if name not in _REGISTRY:
+        raise unknown_choice("model", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def size_config(entry: ModelEntry, size: str | None) -> tuple[str, ModelConfig]:
+    """(canonical size name, config) for a size spelled `NAME` or `wN`."""
+    size = size or entry.default_size
+    if size in entry.sizes:
+        return size, entry.sizes[size]
+    match = _WIDTH_SIZE.fullmatch(size)
+    if match:
+        width = int(match.group(1))
+        if width <= 0:
+            raise MmkitError(f"size {size!r} of model {entry.name!r}: width must be positive")
+        return size, entry.sizes[entry.default_size].at_width(width)
+    valid = [*entry.sizes, "w<width>, e.g. " + ", ".join(f"w{w}" for w in entry.ladder[:3])]
+    raise MmkitError(f"unknown size {size!r} for model {entry.name!r}; valid: {', '.join(valid)}")
+
+
+def parse_override_value(text: str) -> Any:
+    """A `--set` value: JSON when it parses (numbers, lists, true/false), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _config_keys(config: BaseModel, prefix: str = "") -> list[str]:
+    keys = []
+    for field, value in config:
+        path = prefix + field
+        keys.append(path)
+        if isinstance(value, BaseModel):
+            keys.extend(_config_keys(value, path + "."))
+    return keys
+
+
+def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
+    """Apply `{"dotted.key": value}` overrides; the key `width` rescales through `at_width`.
+
+    Unknown keys and invalid values raise MmkitError naming the key and the valid ones.
+    """
+    overrides = dict(overrides)
+    if "width" in overrides:
+        config = config.at_width(int(overrides.pop("width")))
+    if not overrides:
+        return config
+    valid = _config_keys(config)
+    data = config.model_dump()
+    for key, value in overrides.items():
+        if key not in valid:
+            raise MmkitError(
+                f"unknown model setting {key!r}; valid: width, {', '.join(valid)}"
+            )
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return type(config).model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise MmkitError(f"invalid model setting {where!r}: {first['msg']}") from None
+
+
+def resolve_config(
+    name: str, size: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[ModelEntry, str, ModelConfig]:
+    """The registry entry, canonical size name and final config for a model request."""
+    entry = get_model_entry(name)
+    size_name, config = size_config(entry, size)
+    config = apply_overrides(config, overrides or {})
+    return entry, size_name, config
+
+
+def build_model(entry: ModelEntry, config: ModelConfig) -> MultimodalModel:
+    model = entry.build(config)
+    if not isinstance(model, MultimodalModel):
+        raise TypeError(f"builder {entry.name!r} returned {type(model).__name__}, not a MultimodalModel")
+    return model
+
+
+def create_model(name: str, size: str | None = None, **overrides: Any) -> MultimodalModel:
+    """Build a registered model. Overrides are config fields; nested ones in dotted form
+    (`create_model("lfm2", **{"fusion.layers": 2})`) or `width=N`."""
+    entry, _, config = resolve_config(name, size, overrides)
+    return build_model(entry, config)

@@ -1,0 +1,1 @@
+"""Planning: exact counting (params, MACs, FLOPs) and memory simulation / fitting."""

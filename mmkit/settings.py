@@ -1,0 +1,234 @@
+"""Settings and presets.
+
+Presets are data: TOML files validated by the pydantic models below.
+- `gpus/<name>.toml`      a GPU (or the CPU): memory, precisions, peak throughput, overheads.
+- `training/<name>.toml`  a training recipe: epochs, lr, precision, batch, data fraction, ...
+
+They are looked up in the folders of `MMKIT_PRESET_PATH` (separated by the OS path separator,
+each holding `gpus/` and/or `training/`; earlier folders win), then in the built-in folder
+shipped with mmkit. Precedence of a resolved training configuration (contract):
+built-in defaults < preset file < `MMKIT_*` environment < CLI flags.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mmkit.errors import MmkitError, unknown_choice
+
+Precision = Literal["fp32", "fp16", "bf16"]
+PRESET_KINDS = ("gpus", "training")
+MIB = 2**20
+GIB = 2**30
+
+
+class MmkitSettings(BaseSettings):
+    """Process-wide settings from `MMKIT_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MMKIT_", extra="ignore")
+
+    preset_path: str = ""  # extra preset folders, os.pathsep-separated
+    debug: bool = False  # show tracebacks of internal errors
+
+    @property
+    def preset_dirs(self) -> list[Path]:
+        return [Path(p).expanduser() for p in self.preset_path.split(os.pathsep) if p.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Preset schemas
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PeakTflops(_Strict):
+    """Peak dense throughput in TFLOP/s (no structured sparsity)."""
+
+    fp32: PositiveFloat
+    fp16: PositiveFloat | None = None  # tensor-core fp16 with fp32 accumulate, where there is one
+    bf16: PositiveFloat | None = None
+
+
+class GpuOverhead(_Strict):
+    """Memory that live tensors do not show; the planner adds these as labelled lines."""
+
+    cuda_context_mib: NonNegativeFloat  # CUDA context + the kernels torch loads
+    workspace_mib: NonNegativeFloat  # cuBLAS / cuDNN workspaces
+    allocator_reserve_fraction: float = Field(ge=0, lt=1)  # caching-allocator slack, × peak tensors
+
+
+class GpuPreset(_Strict):
+    name: str
+    display_name: str
+    vram_gib: PositiveFloat  # memory the device has (for `cpu`: the RAM budget mmkit may use)
+    precisions: tuple[Precision, ...]
+    memory_bandwidth_gb_s: PositiveFloat
+    peak_tflops: PeakTflops
+    overhead: GpuOverhead
+
+    @property
+    def vram_bytes(self) -> int:
+        return int(self.vram_gib * GIB)
+
+    def overhead_bytes(self, peak_tensor_bytes: int) -> dict[str, int]:
+        """The non-tensor lines of a memory plan, in bytes."""
+        return {
+            "cuda_context": int(self.overhead.cuda_context_mib * MIB),
+            "workspace": int(self.overhead.workspace_mib * MIB),
+            "allocator_reserve": int(peak_tensor_bytes * self.overhead.allocator_reserve_fraction),
+        }
+
+
+class TrainingRecipe(BaseModel):
+    """The fields of a training preset, with the built-in defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    epochs: PositiveInt = 10
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)  # of all optimizer steps
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    batch_size: PositiveInt | Literal["auto"] = 32
+    grad_accum: PositiveInt = 1
+    size: str = "default"  # a named size, `wN`, or "auto" (fit to the GPU)
+    precision: Precision = "fp32"
+    grad_clip: PositiveFloat | None = 1.0
+    train_fraction: float = Field(default=1.0, gt=0, le=1)  # stratified subset of the train split
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+class TrainingPreset(TrainingRecipe):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and loading presets
+
+
+def builtin_preset_dir() -> Path:
+    """`mmkit/presets` inside an installed wheel, or `presets/` at the root of a source checkout."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "presets", package_dir.parent / "presets"):
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError(f"mmkit's built-in presets are missing (looked in {package_dir})")
+
+
+def preset_dirs(kind: str) -> list[Path]:
+    """Folders searched for presets of `kind`, highest priority first."""
+    roots = [*MmkitSettings().preset_dirs, builtin_preset_dir()]
+    return [root / kind for root in roots if (root / kind).is_dir()]
+
+
+def available_presets(kind: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder in preset_dirs(kind):
+        for path in sorted(folder.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise MmkitError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise MmkitError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def validation_message(path: Path | str, exc: ValidationError) -> str:
+    """One line naming the file and the first bad field."""
+    first = exc.errors()[0]
+    # union members show up in `loc` as e.g. "constrained-int": keep the field path only
+    field = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("constrained-", "literal[")))
+    field = field or "(file)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{path}: field {field!r}: {first['msg']}{more}"
+
+
+def _load(kind: str, name: str, schema: type[BaseModel]) -> Any:
+    presets = available_presets(kind)
+    if name not in presets:
+        raise unknown_choice("GPU preset" if kind == "gpus" else "training preset", name, presets)
+    path = presets[name]
+    data = read_toml(path)
+    data.setdefault("name", name)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise MmkitError(validation_message(path, exc)) from None
+
+
+def load_gpu_preset(name: str) -> GpuPreset:
+    return _load("gpus", name, GpuPreset)
+
+
+def load_training_preset(name: str) -> TrainingPreset:
+    return _load("training", name, TrainingPreset)
+
+
+# --------------------------------------------------------------------------------------------
+# Precedence: defaults < preset file < MMKIT_* environment < flags
+
+
+class TrainingSettings(BaseSettings, TrainingRecipe):
+    """A training recipe resolved from all four layers. Environment: `MMKIT_EPOCHS=3`, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="MMKIT_", extra="forbid")
+
+
+class _PresetSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def resolve_training(preset_name: str, flags: dict[str, Any] | None = None) -> TrainingSettings:
+    """The training recipe of `preset_name` with environment and flags applied on top.
+
+    `flags` holds only the options the user actually gave (None values are dropped).
+    """
+    preset = load_training_preset(preset_name)
+    file_values = preset.model_dump(exclude={"name"}, exclude_unset=True)
+
+    class _Resolved(TrainingSettings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # type: ignore[override]
+            return (init_settings, env_settings, _PresetSource(settings_cls, file_values))
+
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    try:
+        resolved = _Resolved(**given)
+    except ValidationError as exc:
+        raise MmkitError(validation_message(f"training settings (preset {preset_name!r})", exc)) from None
+    return TrainingSettings.model_construct(**resolved.model_dump())
+
