@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Annotated
 
 import typer
+
+# torch warns at import when NumPy is absent; mmkit never hands tensors to NumPy, so the
+# warning would only be noise on every command of a minimal install
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 from mmkit import __version__
 from mmkit.cli import count
