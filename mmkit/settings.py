@@ -43,6 +43,7 @@ class MmkitSettings(BaseSettings):
 
     preset_path: str = ""  # extra preset folders, os.pathsep-separated
     debug: bool = False  # show tracebacks of internal errors
+    model: str = "lfm2"  # the model `memory-plan` plans when none is named
 
     @property
     def preset_dirs(self) -> list[Path]:
@@ -76,7 +77,9 @@ class GpuOverhead(_Strict):
 class GpuPreset(_Strict):
     name: str
     display_name: str
+    device_type: Literal["cuda", "cpu"] = "cuda"
     vram_gib: PositiveFloat  # memory the device has (for `cpu`: the RAM budget mmkit may use)
+    margin: float = Field(default=0.05, ge=0, lt=1)  # fraction of vram kept free when fitting
     precisions: tuple[Precision, ...]
     memory_bandwidth_gb_s: PositiveFloat
     peak_tflops: PeakTflops
@@ -85,6 +88,10 @@ class GpuPreset(_Strict):
     @property
     def vram_bytes(self) -> int:
         return int(self.vram_gib * GIB)
+
+    def budget_bytes(self, margin: float | None = None) -> int:
+        """What a plan may use: `vram × (1 − margin)`."""
+        return int(self.vram_bytes * (1 - (self.margin if margin is None else margin)))
 
     def overhead_bytes(self, peak_tensor_bytes: int) -> dict[str, int]:
         """The non-tensor lines of a memory plan, in bytes."""
@@ -107,6 +114,8 @@ class TrainingRecipe(BaseModel):
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)  # of all optimizer steps
     optimizer: Literal["adamw", "sgd"] = "adamw"
     batch_size: PositiveInt | Literal["auto"] = 32
+    min_batch_size: PositiveInt = 1  # the smallest batch `auto` may choose
+    max_batch_size: PositiveInt = 256  # the cap of `auto`
     grad_accum: PositiveInt = 1
     size: str = "default"  # a named size, `wN`, or "auto" (fit to the GPU)
     precision: Precision = "fp32"

@@ -46,7 +46,7 @@ def test_every_gpu_figure_says_where_it_comes_from(name: str) -> None:
         if "=" in stripped and not stripped.startswith("#"):
             comment = stripped.partition("#")[2].lower()
             assert "source" in comment or "assumption" in comment or stripped.startswith(
-                ("display_name", "precisions")
+                ("display_name", "device_type", "precisions")
             ), f"{path.name}: figure without a source or assumption: {stripped}"
 
 

@@ -14,7 +14,7 @@ import typer
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 from mmkit import __version__
-from mmkit.cli import count
+from mmkit.cli import count, memory_plan
 
 app = typer.Typer(
     name="mmkit",
@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 app.command(name="count")(count.count_cli)
+app.command(name="memory-plan")(memory_plan.memory_plan_cli)
 
 
 def _print_version(value: bool) -> None:

@@ -190,10 +190,13 @@ class Lfm2Config(ModelConfig):
         # heads dividing `width` = hidden/2 keep head_dim even, as RoPE rotates pairs
         fusion_heads = largest_divisor_at_most(width, fusion_hidden // HEAD_DIM_TARGET)
         data = self.model_dump()
+        # the audio branch keeps the seed's head count of its depth row (8 / 4) unless width / 64
+        # is larger, so that both seed rows are points of the ladder
+        audio_heads = largest_divisor_at_most(width, max(depths.audio.heads, width // HEAD_DIM_TARGET))
         data["audio"].update(
             dim=width,
             layers=depths.audio.layers,
-            heads=heads,
+            heads=audio_heads,
             ffn_dim=4 * width,  # the seed's 4× (512 → 2048)
             subsampling_channels=max(1, width // 4),
         )
@@ -413,7 +416,7 @@ RTX3050 = Lfm2Config(
     classifier=ClassifierConfig(hidden=(128, 64)),
 )
 
-LFM2_LADDER = (768, 512, 384, 256, 192, 128, 96, 64)
+LFM2_LADDER = (512, 384, 256, 192, 128, 96, 64)  # from the seed's original (512) down
 
 
 @register_model(

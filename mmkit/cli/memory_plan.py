@@ -1,0 +1,230 @@
+"""`mmkit memory-plan [MODEL] --gpu G`: simulated peak memory by category, auto size and batch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+from rich.table import Table
+
+from mmkit.cli.common import (
+    console,
+    err_console,
+    human_bytes,
+    parse_set_options,
+    print_json,
+    user_errors_exit_2,
+)
+from mmkit.errors import MmkitError
+
+if TYPE_CHECKING:
+    from mmkit.plan.fit import Candidate
+    from mmkit.plan.planner import MemoryPlan
+
+BAR_WIDTH = 30
+
+
+def _parse_auto_int(value: str | None, option: str) -> int | Literal["auto"] | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise MmkitError(f"{option} expects a positive integer or 'auto', got {value!r}") from None
+    if number < 1:
+        raise MmkitError(f"{option} expects a positive integer or 'auto', got {value!r}")
+    return number
+
+
+def _pick_precision(requested: str, given_by_user: bool, supported: tuple[str, ...], gpu: str) -> tuple[str, str | None]:
+    if requested in supported:
+        return requested, None
+    if given_by_user:
+        raise MmkitError(f"GPU preset {gpu!r} does not support {requested}; supported: {', '.join(supported)}")
+    fallback = "bf16" if "bf16" in supported else "fp32"
+    return fallback, f"the preset's precision {requested} is not supported by {gpu!r}; planning with {fallback}"
+
+
+@user_errors_exit_2
+def memory_plan_cli(
+    model: Annotated[str | None, typer.Argument(help="Registered model (default: $MMKIT_MODEL or lfm2).")] = None,
+    gpu: Annotated[str, typer.Option("--gpu", "-g", help="GPU preset, 'auto' (detect CUDA) or 'cpu'.")] = "auto",
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Training preset the defaults come from.")] = "half-data",
+    size: Annotated[str | None, typer.Option("--size", "-s", help="Named size, wN, or 'auto'.")] = None,
+    batch_size: Annotated[str | None, typer.Option("--batch-size", "-b", help="Batch size or 'auto'.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or bf16 (autocast, fp32 master weights).")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adamw or sgd (momentum 0.9).")] = None,
+    grad_checkpointing: Annotated[
+        bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Activation checkpointing (lfm2, clip, fusion).")
+    ] = None,
+    margin: Annotated[float | None, typer.Option("--margin", min=0.0, max=0.99, help="Fraction of VRAM kept free (default: the GPU preset's).")] = None,
+    prefer: Annotated[str, typer.Option("--prefer", help="When both are auto: 'width' (default) or 'batch'.")] = "width",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a model setting: key=value (repeatable).")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on the local device and compare.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Simulate training memory by category on fake tensors and fit size and batch to a GPU."""
+    from mmkit.plan.hardware import resolve_gpu
+    from mmkit.plan.planner import plan_memory
+    from mmkit.settings import MmkitSettings, resolve_training
+
+    if prefer not in ("width", "batch"):
+        raise MmkitError(f"--prefer must be 'width' or 'batch', got {prefer!r}")
+    if precision is not None and precision not in ("fp32", "fp16", "bf16"):
+        raise MmkitError(f"unknown precision {precision!r}; valid: bf16, fp16, fp32")
+    if optimizer is not None and optimizer not in ("adamw", "sgd"):
+        raise MmkitError(f"unknown optimizer {optimizer!r}; valid: adamw, sgd")
+    model = model or MmkitSettings().model
+    recipe = resolve_training(
+        preset,
+        {
+            "size": size,
+            "batch_size": _parse_auto_int(batch_size, "--batch-size"),
+            "precision": precision,
+            "optimizer": optimizer,
+            "gradient_checkpointing": grad_checkpointing,
+        },
+    )
+    gpu_preset, gpu_note = resolve_gpu(gpu)
+    notes = [gpu_note] if gpu_note else []
+    chosen_precision, precision_note = _pick_precision(
+        recipe.precision, precision is not None, gpu_preset.precisions, gpu_preset.name
+    )
+    if precision_note:
+        notes.append(precision_note)
+    for note in notes:
+        err_console.print(f"[yellow]note:[/yellow] {note}")
+
+    plan = plan_memory(
+        model,
+        gpu_preset,
+        size=recipe.size,
+        batch_size=recipe.batch_size,
+        overrides=parse_set_options(set_, strip_prefix="model."),
+        precision=chosen_precision,
+        optimizer=recipe.optimizer,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        margin=margin,
+        min_batch_size=recipe.min_batch_size,
+        max_batch_size=recipe.max_batch_size,
+        prefer=prefer,  # type: ignore[arg-type]
+        epochs=recipe.epochs,
+        train_fraction=recipe.train_fraction,
+        measure=measure,
+        notes=notes,
+    )
+    if json_output:
+        doc = plan.as_dict()
+        doc["preset"] = preset
+        print_json(doc)
+    else:
+        render_plan(plan, preset)
+
+
+def _bar(value: int, budget: int) -> str:
+    filled = round(BAR_WIDTH * value / budget) if budget else 0
+    return "█" * min(filled, BAR_WIDTH) + ("▶" if filled > BAR_WIDTH else "")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _why(candidate: Candidate | None, what: str, budget: int) -> str | None:
+    if candidate is None:
+        return None
+    label = f"{what} ({candidate.size}, batch {candidate.batch_size})"
+    if not candidate.simulated:
+        return f"{label}: model states alone need ≥ {human_bytes(candidate.total)} > budget {human_bytes(budget)}"
+    verdict = "fits" if candidate.fits else f"over budget by {human_bytes(candidate.total - budget)}"
+    return f"{label} needs {human_bytes(candidate.total)}: {verdict}"
+
+
+def render_plan(plan: MemoryPlan, preset: str) -> None:
+    fit, chosen, gpu = plan.fit, plan.fit.chosen, plan.gpu
+    budget = fit.budget_bytes
+    auto = lambda flag: " [dim](auto)[/dim]" if flag else ""  # noqa: E731
+    console.print(
+        f"[bold]{fit.entry.name}[/bold] · size [bold]{fit.size}[/bold]{auto(fit.auto_size)} · "
+        f"batch [bold]{fit.batch_size}[/bold]{auto(fit.auto_batch)} · {plan.precision}"
+        f"{' autocast' if plan.precision != 'fp32' else ''} · {plan.optimizer}"
+        f"{' · gradient checkpointing' if plan.gradient_checkpointing else ''} · preset {preset}"
+    )
+    console.print(f"on {gpu.display_name}: {human_bytes(gpu.vram_bytes)}, budget {human_bytes(budget)} "
+                  f"(margin {plan.margin:.0%})")
+
+    table = Table(title="training step — peak memory", title_justify="left")
+    table.add_column("")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right", style="dim")
+    table.add_column(f"of budget ({human_bytes(budget)})")
+    train = chosen.train
+    if train is not None:
+        labels = {
+            "weights": "weights", "gradients": "gradients", "optimizer": "optimizer state",
+            "activations": "activations", "other": "other (batch, temporaries)",
+        }
+        for key, label in labels.items():
+            value = getattr(train, key)
+            table.add_row(label, f"{value:,}", human_bytes(value), _bar(value, budget))
+        table.add_section()
+        table.add_row(f"peak tensors [dim](simulated, in {train.peak_phase})[/dim]",
+                      f"{train.peak_tensors:,}", human_bytes(train.peak_tensors), _bar(train.peak_tensors, budget))
+        overhead_labels = {"cuda_context": "CUDA context", "workspace": "cuBLAS/cuDNN workspace",
+                           "allocator_reserve": "allocator reserve"}
+        for key, value in chosen.overhead.items():
+            table.add_row(f"{overhead_labels.get(key, key)} [dim](preset)[/dim]", f"{value:,}",
+                          human_bytes(value), _bar(value, budget))
+    else:
+        table.add_row("model states alone (lower bound)", f"{chosen.total:,}", human_bytes(chosen.total),
+                      _bar(chosen.total, budget))
+    table.add_section()
+    style = "green" if chosen.fits else "red"
+    table.add_row(f"[bold]total[/bold]", f"[{style}]{chosen.total:,}[/{style}]", human_bytes(chosen.total),
+                  f"[{style}]{_bar(chosen.total, budget)}[/{style}]")
+    console.print(table)
+
+    infer = plan.inference_peak + sum(plan.inference_overhead.values())
+    console.print(f"inference forward (batch {fit.batch_size}): peak tensors {human_bytes(plan.inference_peak)} "
+                  f"+ overhead {human_bytes(sum(plan.inference_overhead.values()))} = {human_bytes(infer)} [dim](simulated)[/dim]")
+    if chosen.fits:
+        console.print(f"[green]fits[/green]: {human_bytes(chosen.total)} of {human_bytes(budget)} "
+                      f"({100 * chosen.total / budget:.1f} % of the budget)")
+    else:
+        console.print(f"[red]does not fit[/red]: needs {human_bytes(chosen.total)}, budget {human_bytes(budget)}")
+    reasons = [
+        _why(fit.next_width, "next larger width", budget),
+        _why(fit.next_batch, "next larger batch", budget),
+    ]
+    if fit.auto_size and fit.next_width is None and chosen.fits:
+        reasons.append(f"{fit.size} is the largest width of the ladder")
+    if fit.batch_cap_reached:
+        reasons.append(f"batch {fit.batch_size} is the preset's cap (max_batch_size)")
+    for reason in filter(None, reasons):
+        console.print(f"  why: {reason}")
+    console.print(f"[dim]{fit.simulations} training steps simulated on fake tensors.[/dim]")
+
+    if plan.time is not None:
+        t = plan.time
+        console.print(
+            f"time [yellow](estimate)[/yellow]: {t.steps_per_epoch} steps/epoch × {_duration(t.step_seconds)}"
+            f" → {_duration(t.epoch_seconds)}/epoch, {_duration(t.total_seconds)} for {t.epochs} epochs "
+            f"[dim]({t.bound}-bound; assumes {t.utilization:.0%} of {t.tflops:g} TFLOP/s {plan.precision}, "
+            f"{t.train_samples} training samples)[/dim]"
+        )
+    if plan.measure is not None:
+        m = plan.measure
+        console.print(
+            f"measured on {m.measurement.device}: peak tensors {m.measurement.peak_tensors:,} B vs predicted "
+            f"{m.predicted_peak:,} B ({m.error_percent:+.2f} %) [dim]({m.measurement.method})[/dim]"
+        )
+        console.print(
+            f"measured step {_duration(m.time.step_seconds)} → {_duration(m.time.epoch_seconds)}/epoch, "
+            f"{_duration(m.time.total_seconds)} for {m.time.epochs} epochs (training steps only)"
+        )

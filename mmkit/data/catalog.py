@@ -1,0 +1,42 @@
+"""The built-in datasets by name: split sizes and classes, known without generating any data.
+
+The planner needs the number of training samples to turn a step time into an epoch time; the
+generators themselves live beside this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmkit.errors import unknown_choice
+
+RAVDESS_EMOTIONS = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
+FASHION_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+CIFAR_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    train: int
+    val: int
+    test: int
+    classes: tuple[str, ...]
+
+
+BUILTIN_DATASETS = {
+    "synthetic-cifar": DatasetInfo("synthetic-cifar", 5000, 1000, 1000, CIFAR_CLASSES),
+    "synthetic-av": DatasetInfo("synthetic-av", 1920, 480, 480, RAVDESS_EMOTIONS),  # RAVDESS's split sizes
+    "synthetic-fashion": DatasetInfo("synthetic-fashion", 6000, 1000, 1000, FASHION_CLASSES),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in BUILTIN_DATASETS:
+        raise unknown_choice("dataset", name, BUILTIN_DATASETS)
+    return BUILTIN_DATASETS[name]

@@ -1,0 +1,253 @@
+"""Fitting: the largest width, then the largest batch, whose simulated total fits the budget.
+
+`fit_to_budget` walks the family's size ladder from the largest width down. A width whose model
+states alone (fp32 weights + gradients + optimizer state) cannot fit is rejected without
+simulation. For the largest width that fits at the minimum batch, the batch search fits an affine
+model (memory is close to affine in the batch size) through two simulated points, then confirms
+the predicted maximum b by simulating b and b + 1, falling back to bisection when the prediction
+is off. Every reported number is a simulation, never the affine guess.
+
+`train` calls `fit_to_budget` when its batch size or size is `auto`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mmkit.errors import MmkitError
+from mmkit.models.registry import ModelConfig, ModelEntry, apply_overrides, get_model_entry, size_config
+from mmkit.plan.memory import (
+    FakeTrainingRig,
+    StepMemory,
+    StepSettings,
+    config_param_count,
+    simulate_batches,
+    states_lower_bound,
+    with_gradient_checkpointing,
+)
+from mmkit.settings import GpuPreset
+
+Prefer = Literal["width", "batch"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (size, batch) point and what it needs."""
+
+    size: str
+    width: int
+    batch_size: int
+    total: int  # peak tensors + overhead lines (or the model-states lower bound, when not simulated)
+    fits: bool
+    simulated: bool  # False: rejected by model states alone, `total` is a lower bound
+    train: StepMemory | None = None
+    overhead: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    entry: ModelEntry
+    size: str
+    config: ModelConfig
+    batch_size: int
+    chosen: Candidate
+    budget_bytes: int
+    auto_size: bool
+    auto_batch: bool
+    next_width: Candidate | None  # the next larger ladder width at the minimum batch
+    next_batch: Candidate | None  # batch + 1 at the chosen size
+    batch_cap_reached: bool
+    simulations: int
+    considered: list[Candidate]
+    rigs: dict[str, FakeTrainingRig] = field(default_factory=dict, repr=False)  # for reuse
+
+
+class _Evaluator:
+    """Simulates (size, batch) points once each and remembers them."""
+
+    def __init__(self, entry: ModelEntry, gpu: GpuPreset, budget: int, step: StepSettings) -> None:
+        self.entry, self.gpu, self.budget, self.step = entry, gpu, budget, step
+        self.cache: dict[tuple[str, int], Candidate] = {}
+        self.simulations = 0
+        self._params: dict[str, int] = {}
+        self.rigs: dict[str, FakeTrainingRig] = {}
+
+    def __call__(self, size: str, config: ModelConfig, batch_size: int) -> Candidate:
+        return self.many(size, config, [batch_size])[0]
+
+    def many(self, size: str, config: ModelConfig, batch_sizes: list[int]) -> list[Candidate]:
+        """Evaluate several batch sizes of one size; uncached simulations run in parallel."""
+        if size not in self._params:
+            self._params[size] = config_param_count(self.entry, config)
+        bound = states_lower_bound(self._params[size], self.step.optimizer)
+        bound_total = bound + sum(self.gpu.overhead_bytes(bound).values())
+        todo = sorted({b for b in batch_sizes if (size, b) not in self.cache})
+        if todo and bound_total > self.budget:
+            for b in todo:
+                self.cache[(size, b)] = Candidate(size, config.width, b, bound_total, False, False)
+        elif todo:
+            if size not in self.rigs:
+                self.rigs[size] = FakeTrainingRig(self.entry, config, self.step)
+            for b, memory in zip(todo, simulate_batches(self.rigs[size], todo), strict=True):
+                self.simulations += 1
+                overhead = self.gpu.overhead_bytes(memory.peak_tensors)
+                total = memory.peak_tensors + sum(overhead.values())
+                self.cache[(size, b)] = Candidate(
+                    size, config.width, b, total, total <= self.budget, True, memory, overhead
+                )
+        return [self.cache[(size, b)] for b in batch_sizes]
+
+
+def _max_batch(evaluate: _Evaluator, size: str, config: ModelConfig, low: int, cap: int) -> int:
+    """Largest batch in [low, cap] that fits, given that `low` fits.
+
+    Probes come in pairs (b, b + 1) so that the two cores simulate them at once: when the affine
+    prediction b is right, one round confirms that b fits and b + 1 does not.
+    """
+    fit_hi, fail_lo = low, None
+    while True:
+        for (s, b), candidate in evaluate.cache.items():  # everything known about this size
+            if s != size or not low <= b <= cap:
+                continue
+            if candidate.fits:
+                fit_hi = max(fit_hi, b)
+            elif fail_lo is None or b < fail_lo:
+                fail_lo = b
+        upper = cap if fail_lo is None else fail_lo - 1
+        if fit_hi >= upper:
+            return fit_hi
+        guess = _affine_guess(evaluate, size, fit_hi)
+        if guess is None:  # one point only: double
+            guess = 2 * fit_hi
+        probe = min(max(guess, fit_hi + 1), upper)
+        if (size, probe) in evaluate.cache or (probe + 1 <= upper and (size, probe + 1) in evaluate.cache):
+            probe = (fit_hi + upper + 1) // 2  # the affine model was wrong once already: bisect
+        evaluate.many(size, config, [probe, probe + 1] if probe < upper else [probe])
+
+
+def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
+    """Largest batch predicted to fit, from the two largest simulated batches of `size`.
+
+    Each phase of the step (forward, backward, optimizer) has its own peak, affine in the batch
+    size; the step's peak is their maximum, so each phase is extrapolated on its own.
+    """
+    points = sorted(
+        (b, c.train) for (s, b), c in evaluate.cache.items() if s == size and c.train is not None
+    )
+    if len(points) < 2:
+        return None
+    (b1, m1), (b2, m2) = points[-2], points[-1]
+    reserve = evaluate.gpu.overhead.allocator_reserve_fraction
+    fixed = sum(evaluate.gpu.overhead_bytes(0).values())
+    peak_budget = (evaluate.budget - fixed) / (1 + reserve)  # total = peak·(1 + reserve) + fixed
+    limits = []
+    for phase, p2 in m2.phase_peaks.items():
+        p1 = m1.phase_peaks.get(phase)
+        if p1 is None:
+            continue
+        slope = (p2 - p1) / (b2 - b1)
+        if slope > 0:
+            limits.append(b2 + math.floor((peak_budget - p2) / slope))
+    return max(min(limits), fit_hi) if limits else None
+
+
+def ladder_sizes(entry: ModelEntry, base: ModelConfig, overrides: Mapping[str, Any]) -> list[tuple[str, ModelConfig]]:
+    """The ladder as (size name, config), largest first; named sizes keep their names."""
+    named = {config: name for name, config in entry.sizes.items()}
+    out = []
+    for width in entry.ladder:
+        config = apply_overrides(base.at_width(width), overrides)
+        out.append((named.get(config, f"w{width}"), config))
+    return out
+
+
+def fit_to_budget(
+    model: str,
+    gpu: GpuPreset,
+    *,
+    size: str = "auto",
+    batch_size: int | Literal["auto"] = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    margin: float | None = None,
+    min_batch_size: int = 1,
+    max_batch_size: int = 256,
+    prefer: Prefer = "width",
+) -> FitResult:
+    """Choose size and batch (where `auto`) so that the simulated total fits `gpu`'s budget."""
+    entry = get_model_entry(model)
+    overrides = dict(overrides or {})
+    if min_batch_size > max_batch_size:
+        raise MmkitError(f"min_batch_size ({min_batch_size}) is above max_batch_size ({max_batch_size})")
+    budget = gpu.budget_bytes(margin)
+    step = StepSettings(
+        batch_size=1, precision=precision, optimizer=optimizer, gpu_target=gpu.device_type == "cuda"
+    )
+    evaluate = _Evaluator(entry, gpu, budget, step)
+
+    auto_size = size == "auto"
+    if auto_size:
+        base = with_gradient_checkpointing(entry, entry.sizes[entry.default_size], gradient_checkpointing)
+        sizes = ladder_sizes(entry, base, overrides)
+    else:
+        name, config = size_config(entry, size)
+        config = with_gradient_checkpointing(entry, apply_overrides(config, overrides), gradient_checkpointing)
+        sizes = [(name, config)]
+    auto_batch = batch_size == "auto"
+    low = min_batch_size if auto_batch else int(batch_size)
+    cap = max_batch_size if auto_batch else int(batch_size)
+
+    chosen_index, chosen_batch = None, low
+    best: tuple[int, int] | None = None  # (batch, index) for prefer=batch
+    for index, (name, config) in enumerate(sizes):
+        # the second batch is speculative: it is the first point of the batch search if `low` fits
+        probes = [low, min(cap, max(2 * low, low + 1))] if auto_batch and cap > low else [low]
+        if not evaluate.many(name, config, probes)[0].fits:
+            continue
+        if prefer == "width" or not auto_batch:
+            chosen_index = index
+            break
+        batch = _max_batch(evaluate, name, config, low, cap)
+        if best is None or batch > best[0]:
+            best = (batch, index)
+        if batch == cap:
+            break
+    if prefer == "batch" and auto_batch and best is not None:
+        chosen_batch, chosen_index = best
+    if chosen_index is None:
+        chosen_index = len(sizes) - 1  # nothing fits: report the smallest candidate
+    name, config = sizes[chosen_index]
+    fits = evaluate(name, config, low).fits
+    if fits and auto_batch and prefer == "width":
+        chosen_batch = _max_batch(evaluate, name, config, low, cap)
+    chosen = evaluate(name, config, chosen_batch)
+
+    next_width = None
+    if auto_size and chosen_index > 0:
+        above_name, above_config = sizes[chosen_index - 1]
+        next_width = evaluate(above_name, above_config, low)
+    next_batch = None
+    if auto_batch and fits and chosen_batch < cap:
+        next_batch = evaluate(name, config, chosen_batch + 1)
+
+    return FitResult(
+        entry=entry,
+        size=name,
+        config=config,
+        batch_size=chosen_batch,
+        chosen=chosen,
+        budget_bytes=budget,
+        auto_size=auto_size,
+        auto_batch=auto_batch,
+        next_width=next_width,
+        next_batch=next_batch,
+        batch_cap_reached=auto_batch and fits and chosen_batch == cap,
+        simulations=evaluate.simulations,
+        considered=list(evaluate.cache.values()),
+        rigs=evaluate.rigs,
+    )

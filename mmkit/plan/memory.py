@@ -1,0 +1,355 @@
+"""Training and inference memory, simulated exactly on fake tensors (no allocation, no GPU).
+
+One real training step — the same `training_step` that `mmkit train` runs: forward under
+autocast, loss, scaled backward, clipping, optimizer step, zero_grad — executes under
+`FakeTensorMode` while `LiveStorageTracker` follows every storage. The step is a *steady-state*
+step: the optimizer state exists before it starts, as it does from the second step of training
+on, which is where the peak of a run lies.
+
+The simulation runs CPU kernels. For a GPU target it also uses the multi-tensor (foreach)
+optimizer kernels that torch picks on CUDA, whose temporaries differ from the per-parameter loop
+used on the CPU, and rounds every storage up to the CUDA allocator's 512-byte granule. What tensors cannot show — the CUDA
+context, library workspaces, allocator fragmentation — is added from the GPU preset as separate
+labelled lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mmkit.errors import MmkitError
+from mmkit.models.registry import ModelConfig, ModelEntry, MultimodalModel, build_model
+from mmkit.plan.tracker import (
+    CATEGORIES,
+    CUDA_ALLOCATION_GRANULE,
+    LiveStorageTracker,
+    track_model_state,
+    track_optimizer_state,
+)
+from mmkit.settings import GpuPreset
+from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
+
+PLAN_LR = 1e-3  # any positive value: memory does not depend on it
+PLAN_WEIGHT_DECAY = 0.01
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Live tensor bytes by category at the peak of one training step."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    other: int
+    peak_tensors: int
+    peak_phase: str  # forward, backward or optimizer
+    phase_peaks: dict[str, int] = field(default_factory=dict)  # the peak within each phase
+    ops: int = 0  # operators dispatched in the step
+
+    def as_dict(self) -> dict[str, int]:
+        return {c: getattr(self, c) for c in CATEGORIES} | {"peak_tensors": self.peak_tensors}
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a simulated (or measured) step depends on besides the model config."""
+
+    batch_size: int
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    gpu_target: bool = False  # CUDA-like optimizer kernels and allocation granule
+    grad_clip: float | None = 1.0
+    contrastive_weight: float = 0.5  # clip/fusion train with a contrastive term
+
+
+def with_gradient_checkpointing(entry: ModelEntry, config: ModelConfig, enabled: bool) -> ModelConfig:
+    if not enabled:
+        return config
+    if "gradient_checkpointing" not in type(config).model_fields:
+        supported = "lfm2, clip, fusion"
+        raise MmkitError(f"model {entry.name!r} does not support gradient checkpointing ({supported} do)")
+    return config.model_copy(update={"gradient_checkpointing": True})
+
+
+class _SimulatedGradScaler(torch.amp.GradScaler):
+    """GradScaler whose `step` does not read the overflow flag.
+
+    A fake tensor has no value, so the real scaler's `found_inf.item()` cannot run; the memory
+    of the step is the same whether or not it would have been skipped.
+    """
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is not torch.amp.grad_scaler.OptState.UNSCALED:
+            self.unscale_(optimizer)
+        optimizer.step(*args, **kwargs)
+        state["stage"] = torch.amp.grad_scaler.OptState.STEPPED
+
+
+def _fake_model(entry: ModelEntry, config: ModelConfig, mode: FakeTensorMode) -> MultimodalModel:
+    """Build on the meta device (no init work), then give it fake CPU storage under `mode`.
+
+    Initializers such as `trunc_normal_` read values, which fake tensors do not have; memory does
+    not depend on the values.
+    """
+    with torch.device("meta"):
+        model = build_model(entry, config)
+    with mode:
+        _replace_meta_storage(model)
+    return model
+
+
+def _replace_meta_storage(model: MultimodalModel) -> None:
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                fake = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+                module._parameters[name] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="cpu")
+
+
+def _labels(model: MultimodalModel, batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch_size, device=device) % model.config.num_classes
+
+
+def _warm_optimizer_state(model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer state as after the first step (zero gradients, one step)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class FakeTrainingRig:
+    """A model, its optimizer (state already created) and scaler on fake tensors.
+
+    Built once per model config and reused for every simulated batch size: memory does not
+    depend on values, and a steady-state step leaves the rig as it found it.
+    """
+
+    def __init__(self, entry: ModelEntry, config: ModelConfig, step: StepSettings) -> None:
+        self.step = step
+        self.granule = CUDA_ALLOCATION_GRANULE if step.gpu_target else 1
+        self.mode = FakeTensorMode()
+        self.model = _fake_model(entry, config, self.mode)
+        with self.mode:
+            self.optimizer = build_optimizer(
+                self.model, step.optimizer, PLAN_LR, PLAN_WEIGHT_DECAY,
+                foreach=True if step.gpu_target else None,
+            )
+            _warm_optimizer_state(self.model, self.optimizer)
+            self.scaler = _SimulatedGradScaler("cpu") if step.precision == "fp16" else None
+            if self.scaler is not None:
+                self.scaler.scale(torch.ones(()))  # creates the scale and growth tracker, as step 1 does
+
+    def _persistent_extras(self) -> list[torch.Tensor]:
+        """State that lives across steps but belongs to neither model nor optimizer."""
+        if self.scaler is None:
+            return []
+        return [self.scaler._scale, self.scaler._growth_tracker]
+
+    def training_step(self, batch_size: int) -> StepMemory:
+        """Peak live tensor bytes of one steady-state training step, by category."""
+        model = self.model.train()
+        tracker = LiveStorageTracker(self.granule)
+        with self.mode:
+            handles = track_model_state(tracker, model, self.optimizer)
+            tracker.track(self._persistent_extras(), "other")
+            try:
+                with tracker:
+                    inputs = model.example_inputs(batch_size, device="cpu")
+                    labels = _labels(model, batch_size, torch.device("cpu"))
+                    training_step(
+                        model, self.optimizer, inputs, labels,
+                        precision=self.step.precision, scaler=self.scaler, grad_clip=self.step.grad_clip,
+                        contrastive_weight=self.step.contrastive_weight, on_phase=tracker.set_phase,
+                    )
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return _step_memory(tracker)
+
+    def inference(self, batch_size: int) -> int:
+        """Peak live tensor bytes of one inference forward (eval mode, no autograd)."""
+        model = self.model.eval()
+        tracker = LiveStorageTracker(self.granule)
+        with self.mode:
+            tracker.track(model.parameters(), "weights")
+            tracker.track(model.buffers(), "weights")
+            precision = self.step.precision
+            with tracker, torch.no_grad():
+                inputs = model.example_inputs(batch_size, device="cpu")
+                tracker.set_phase("forward")
+                with torch.autocast("cpu", dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES):
+                    model(**inputs)
+        model.train()
+        return tracker.peak.peak_bytes
+
+
+def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool = True) -> list[StepMemory]:
+    """Simulate several batch sizes on one rig; with two or more cores, forked children take all
+    but the last (results come back as JSON over a pipe). A failed child is simulated again here.
+    """
+    if len(batch_sizes) < 2 or not parallel or not hasattr(os, "fork") or (os.cpu_count() or 1) < 2:
+        return [rig.training_step(b) for b in batch_sizes]
+    children = []
+    for b in batch_sizes[:-1]:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: simulate, write one JSON document, exit without cleanup handlers
+            status = 1
+            try:
+                os.close(read_fd)
+                payload = json.dumps(dataclasses.asdict(rig.training_step(b))).encode()
+                with os.fdopen(write_fd, "wb") as pipe:
+                    pipe.write(payload)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_fd)
+        children.append((b, pid, read_fd))
+    results = {batch_sizes[-1]: rig.training_step(batch_sizes[-1])}
+    for b, pid, read_fd in children:
+        with os.fdopen(read_fd, "rb") as pipe:
+            payload = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if status == 0 and payload:
+            results[b] = StepMemory(**json.loads(payload))
+        else:
+            results[b] = rig.training_step(b)
+    return [results[b] for b in batch_sizes]
+
+
+def simulate_training_step(entry: ModelEntry, config: ModelConfig, step: StepSettings) -> StepMemory:
+    """Peak live tensor bytes of one steady-state training step, by category, on fake tensors."""
+    return FakeTrainingRig(entry, config, step).training_step(step.batch_size)
+
+
+def simulate_inference(entry: ModelEntry, config: ModelConfig, step: StepSettings) -> int:
+    """Peak live tensor bytes of one inference forward at `step.batch_size`, on fake tensors."""
+    return FakeTrainingRig(entry, config, step).inference(step.batch_size)
+
+
+def _step_memory(tracker: LiveStorageTracker) -> StepMemory:
+    peak = tracker.peak
+    phases = {p: b for p, b in tracker.phase_peaks.items() if p in ("forward", "backward", "optimizer")}
+    return StepMemory(**{c: peak.by_category[c] for c in CATEGORIES}, peak_tensors=peak.peak_bytes,
+                      peak_phase=peak.phase, phase_peaks=phases, ops=tracker.ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement on the local device
+
+
+@dataclass(frozen=True)
+class Measurement:
+    device: str
+    peak_tensors: int  # CPU: the tracker on real tensors; CUDA: torch.cuda.max_memory_allocated
+    method: str
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_step_seconds(self) -> float:
+        times = sorted(self.step_seconds)
+        return times[len(times) // 2] if times else float("nan")
+
+
+def measure_training_steps(
+    entry: ModelEntry, config: ModelConfig, step: StepSettings, device: str = "cpu", steps: int = 3
+) -> Measurement:
+    """Run `steps` real training steps (after one warm-up step) and measure peak memory and time."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build_model(entry, config).to(dev).train()
+    optimizer = build_optimizer(model, step.optimizer, PLAN_LR, PLAN_WEIGHT_DECAY)
+    scaler = build_grad_scaler(step.precision, dev.type)
+    inputs = model.example_inputs(step.batch_size, device=dev, seed=0)
+    labels = _labels(model, step.batch_size, dev)
+
+    def run_step(on_phase: Any = lambda _: None) -> None:
+        training_step(
+            model, optimizer, inputs, labels, precision=step.precision, scaler=scaler,
+            grad_clip=step.grad_clip, contrastive_weight=step.contrastive_weight, on_phase=on_phase,
+        )
+
+    run_step()  # warm-up: creates the optimizer state, as the simulation's steady state assumes
+    times: list[float] = []
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        for _ in range(steps):
+            start = time.perf_counter()
+            run_step()
+            torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - start)
+        return Measurement(device, torch.cuda.max_memory_allocated(dev),
+                           "torch.cuda.max_memory_allocated", times)
+    # CPU: count live storages of real tensors; the batch was allocated before, count it as well
+    peak = 0
+    for _ in range(steps):
+        tracker = LiveStorageTracker()
+        handles = track_model_state(tracker, model, optimizer)
+        tracker.track([*inputs.values(), labels], "other")
+        if scaler is not None:
+            tracker.track([scaler._scale, scaler._growth_tracker], "other")
+        track_optimizer_state(tracker, optimizer)
+        start = time.perf_counter()
+        with tracker:
+            run_step(tracker.set_phase)
+        times.append(time.perf_counter() - start)
+        for handle in handles:
+            handle.remove()
+        peak = max(peak, tracker.peak.peak_bytes)
+    return Measurement(device, peak, "live-storage tracker on real tensors", times)
+
+
+def overhead_lines(gpu: GpuPreset, peak_tensor_bytes: int) -> dict[str, int]:
+    return gpu.overhead_bytes(peak_tensor_bytes)
+
+
+def states_lower_bound(params: int, optimizer: str) -> int:
+    """Bytes of weights + gradients + optimizer state alone (fp32 master weights):
+    AdamW keeps two states per parameter, SGD with momentum one."""
+    states = {"adamw": 2, "sgd": 1}[optimizer]
+    return params * 4 * (2 + states)
+
+
+def config_param_count(entry: ModelEntry, config: ModelConfig) -> int:
+    with torch.device("meta"):
+        model = build_model(entry, config)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+
+def memtracker_training_peak(entry: ModelEntry, config: ModelConfig, step: StepSettings) -> int:
+    """The same steady-state step under torch's `MemTracker` (private API), on fake tensors.
+
+    Used to cross-check `LiveStorageTracker`; raises ImportError if the API is gone.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    rig = FakeTrainingRig(entry, config, step)
+    tracker = MemTracker()
+    with rig.mode:
+        tracker.track_external(rig.model, rig.optimizer)
+        with tracker:
+            inputs = rig.model.example_inputs(step.batch_size, device="cpu")
+            labels = _labels(rig.model, step.batch_size, torch.device("cpu"))
+            training_step(
+                rig.model, rig.optimizer, inputs, labels, precision=step.precision, scaler=rig.scaler,
+                grad_clip=step.grad_clip, contrastive_weight=step.contrastive_weight,
+            )
+    snapshot = tracker.get_tracker_snapshot("peak")
+    return sum(device_snapshot["Total"] for device_snapshot in snapshot.values())

@@ -1,0 +1,196 @@
+"""`memory-plan` as a plain function: fit, simulate inference, estimate time, optionally measure."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmkit.data.catalog import dataset_info
+from mmkit.errors import MmkitError
+from mmkit.plan.count import count_flops
+from mmkit.plan.fit import Candidate, FitResult, fit_to_budget
+from mmkit.plan.memory import (
+    FakeTrainingRig,
+    Measurement,
+    StepSettings,
+    measure_training_steps,
+)
+from mmkit.plan.timing import TimeEstimate, estimate_time
+from mmkit.settings import GpuPreset
+
+
+@dataclass(frozen=True)
+class MeasureReport:
+    measurement: Measurement
+    predicted_peak: int  # simulated for the measuring device (CPU kernels, or the GPU plan)
+    time: TimeEstimate  # from the measured step time
+
+    @property
+    def error_percent(self) -> float:
+        measured = self.measurement.peak_tensors
+        return 100.0 * (self.predicted_peak - measured) / measured if measured else float("nan")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    fit: FitResult
+    gpu: GpuPreset
+    precision: str
+    optimizer: str
+    gradient_checkpointing: bool
+    margin: float
+    inference_peak: int
+    inference_overhead: dict[str, int]
+    time: TimeEstimate | None
+    measure: MeasureReport | None
+    notes: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.fit.chosen.fits
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `mmkit memory-plan --json` document (contract: see DESIGN.md)."""
+        fit, chosen = self.fit, self.fit.chosen
+        train = chosen.train
+        overhead = sum(chosen.overhead.values())
+        doc: dict[str, Any] = {
+            "model": fit.entry.name,
+            "size": fit.size,
+            "width": fit.config.width,
+            "gpu": {"name": self.gpu.name, "display_name": self.gpu.display_name, "vram_bytes": self.gpu.vram_bytes},
+            "batch_size": fit.batch_size,
+            "precision": self.precision,
+            "optimizer": self.optimizer,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "train": {
+                **(train.as_dict() if train else {}),
+                "peak_phase": train.peak_phase if train else None,
+                "overhead": overhead,
+                "overhead_lines": chosen.overhead,
+                "total": chosen.total,
+            },
+            "inference": {
+                "peak_tensors": self.inference_peak,
+                "overhead": sum(self.inference_overhead.values()),
+                "overhead_lines": self.inference_overhead,
+                "total": self.inference_peak + sum(self.inference_overhead.values()),
+            },
+            "budget_bytes": fit.budget_bytes,
+            "margin": self.margin,
+            "fits": self.fits,
+            "auto": {"size": fit.auto_size, "batch_size": fit.auto_batch},
+            "why": {
+                "next_width": _candidate_dict(fit.next_width),
+                "next_batch": _candidate_dict(fit.next_batch),
+                "batch_cap_reached": fit.batch_cap_reached,
+            },
+            "simulations": fit.simulations,
+            "method": {
+                "train": "simulated: one steady-state training step on fake tensors (CPU kernels), "
+                "live storages tracked; overhead lines from the GPU preset",
+                "time": "estimate (see time.method)",
+            },
+            "time": self.time.as_dict() if self.time else None,
+            "notes": self.notes,
+        }
+        if self.measure is not None:
+            m = self.measure
+            doc["measure"] = {
+                "device": m.measurement.device,
+                "method": m.measurement.method,
+                "predicted_peak_tensors": m.predicted_peak,
+                "measured_peak_tensors": m.measurement.peak_tensors,
+                "error_percent": m.error_percent,
+                "step_seconds": m.measurement.step_seconds,
+                "time": m.time.as_dict(),
+            }
+        return doc
+
+
+def _candidate_dict(candidate: Candidate | None) -> dict[str, Any] | None:
+    if candidate is None:
+        return None
+    return {
+        "size": candidate.size,
+        "width": candidate.width,
+        "batch_size": candidate.batch_size,
+        "total": candidate.total,
+        "fits": candidate.fits,
+        "simulated": candidate.simulated,  # False: a lower bound from the model states alone
+    }
+
+
+def plan_memory(
+    model: str,
+    gpu: GpuPreset,
+    *,
+    epochs: int = 1,
+    train_fraction: float = 1.0,
+    data: str | None = None,
+    measure: bool = False,
+    measure_device: str | None = None,
+    notes: list[str] | None = None,
+    **fit_options: Any,
+) -> MemoryPlan:
+    """Fit (`fit_options` are `fit_to_budget`'s: size, batch_size, precision, optimizer, ...),
+    simulate inference at the choice, estimate the time, and optionally measure real steps."""
+    fit = fit_to_budget(model, gpu, **fit_options)
+    precision = fit_options.get("precision", "fp32")
+    optimizer = fit_options.get("optimizer", "adamw")
+    margin = fit_options.get("margin")
+    step = StepSettings(
+        batch_size=fit.batch_size, precision=precision, optimizer=optimizer,
+        gpu_target=gpu.device_type == "cuda",
+    )
+    rig = fit.rigs.get(fit.size) or FakeTrainingRig(fit.entry, fit.config, step)
+    inference_peak = rig.inference(fit.batch_size)
+    inference_overhead = gpu.overhead_bytes(inference_peak)
+
+    time_estimate = None
+    with torch.device("meta"):
+        meta_model = fit.entry.build(fit.config)
+    flops = count_flops(meta_model.train(), 1)
+    info = dataset_info(data or fit.entry.default_data)
+    train_samples = max(1, round(info.train * train_fraction))
+    memory = fit.chosen.train
+    if memory is not None:
+        moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
+        time_estimate = estimate_time(
+            gpu, precision, fit.batch_size, flops.train_flops, flops.forward_flops, moved,
+            train_samples, info.val, epochs, ops_per_step=memory.ops,
+        )
+
+    measured = None
+    if measure:
+        device = measure_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise MmkitError("--measure on cuda: no CUDA device is available here")
+        local = dataclasses.replace(step, gpu_target=device.startswith("cuda"))
+        measurement = measure_training_steps(fit.entry, fit.config, local, device=device)
+        predicted = (
+            fit.chosen.train.peak_tensors
+            if local.gpu_target == step.gpu_target and fit.chosen.train is not None
+            else FakeTrainingRig(fit.entry, fit.config, local).training_step(fit.batch_size).peak_tensors
+        )
+        measured_step = measurement.median_step_seconds
+        steps = -(-train_samples // fit.batch_size)
+        measured_time = TimeEstimate(
+            step_seconds=measured_step,
+            epoch_seconds=steps * measured_step,
+            total_seconds=steps * measured_step * epochs,
+            steps_per_epoch=steps, epochs=epochs, train_samples=train_samples, val_samples=info.val,
+            utilization=float("nan"), bound="measured", tflops=float("nan"),
+        )
+        measured = MeasureReport(measurement, predicted, measured_time)
+
+    return MemoryPlan(
+        fit=fit, gpu=gpu, precision=precision, optimizer=optimizer,
+        gradient_checkpointing=fit_options.get("gradient_checkpointing", False),
+        margin=gpu.margin if margin is None else margin,
+        inference_peak=inference_peak, inference_overhead=inference_overhead,
+        time=time_estimate, measure=measured, notes=list(notes or []),
+    )

@@ -1,0 +1,106 @@
+"""One training step, shared by `train` and by the memory planner, so the planner simulates
+exactly what training runs: forward under autocast, loss, (scaled) backward, gradient clipping,
+optimizer step, zero_grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkit.models.registry import logits_of
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+Phase = Callable[[str], None]
+
+
+def _no_phase(_: str) -> None:
+    return None
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    foreach: bool | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum 0.9 over the trainable parameters.
+
+    `foreach=None` lets torch choose (multi-tensor kernels on CUDA, per-parameter loops on CPU).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, foreach=foreach)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_grad_scaler(precision: str, device_type: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device_type) if precision == "fp16" else None
+
+
+def compute_loss(output: Any, labels: torch.Tensor, contrastive_weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the class logits, plus the symmetric CLIP contrastive loss when the model
+    returns `contrastive_logits` [B, B] and `contrastive_weight` > 0."""
+    logits = logits_of(output)
+    loss = F.cross_entropy(logits.float(), labels)
+    contrastive = getattr(output, "contrastive_logits", None)
+    if contrastive_weight > 0 and contrastive is not None and contrastive.shape[0] == contrastive.shape[1]:
+        targets = torch.arange(contrastive.shape[0], device=contrastive.device)
+        contrastive = contrastive.float()
+        symmetric = (F.cross_entropy(contrastive, targets) + F.cross_entropy(contrastive.t(), targets)) / 2
+        loss = loss + contrastive_weight * symmetric
+    return loss
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+    contrastive_weight: float = 0.0,
+    loss_scale: float = 1.0,
+    step_optimizer: bool = True,
+    on_phase: Phase = _no_phase,
+) -> torch.Tensor:
+    """Forward, loss, backward and (when `step_optimizer`) clip + step + zero_grad.
+
+    `loss_scale` divides the loss for gradient accumulation (1 / accumulation steps); with
+    `step_optimizer=False` gradients accumulate and the optimizer is left alone.
+    Returns the (unscaled, detached) loss.
+    """
+    device_type = labels.device.type
+    on_phase("forward")
+    with torch.autocast(device_type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES):
+        output = model(**inputs)
+        loss = compute_loss(output, labels, contrastive_weight)
+    del output
+    on_phase("backward")
+    scaled = loss * loss_scale
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    if step_optimizer:
+        on_phase("optimizer")
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step when gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    on_phase("done")
+    return loss.detach()

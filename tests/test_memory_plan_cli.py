@@ -1,0 +1,115 @@
+"""`mmkit memory-plan` as users call it: the acceptance cases of the planner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mmkit.cli.app import app
+
+runner = CliRunner()
+
+
+def plan(*args: str) -> dict:
+    result = runner.invoke(app, ["memory-plan", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_seed_case_rtx3050_defaults_to_lfm2_and_fits() -> None:
+    doc = plan("--gpu", "rtx3050")
+    assert doc["model"] == "lfm2" and doc["preset"] == "half-data"
+    assert doc["fits"] is True
+    assert doc["train"]["total"] <= doc["budget_bytes"] < doc["gpu"]["vram_bytes"]
+    assert doc["batch_size"] >= 2  # half-data's min_batch_size
+    assert doc["auto"] == {"size": True, "batch_size": True}
+    assert doc["precision"] == "fp16"
+    # maximal: the next batch is simulated and over budget (the ladder has nothing larger)
+    assert doc["why"]["next_batch"]["batch_size"] == doc["batch_size"] + 1
+    assert doc["why"]["next_batch"]["simulated"] and not doc["why"]["next_batch"]["fits"]
+    train = doc["train"]
+    categories = ("weights", "gradients", "optimizer", "activations", "other")
+    assert sum(train[c] for c in categories) == train["peak_tensors"]
+    assert train["total"] == train["peak_tensors"] + train["overhead"]
+    assert set(train["overhead_lines"]) == {"cuda_context", "workspace", "allocator_reserve"}
+    assert doc["inference"]["total"] == doc["inference"]["peak_tensors"] + doc["inference"]["overhead"]
+    assert doc["time"]["total_seconds"] > 0 and "estimate" in doc["time"]["method"]
+
+
+def test_h100_trains_the_original_size() -> None:
+    doc = plan("lfm2", "--gpu", "h100-80gb")
+    assert doc["size"] == "original" and doc["fits"] is True
+
+
+@pytest.mark.parametrize("model", ["multichannel", "separate"])
+def test_adamw_state_is_twice_the_weights(model: str) -> None:
+    doc = plan(model, "--gpu", "rtx3050", "--batch-size", "32", "--precision", "fp32")
+    train = doc["train"]
+    assert abs(train["optimizer"] - 2 * train["weights"]) <= 0.01 * train["weights"]
+
+
+def test_no_43_percent_saving() -> None:
+    args = ("--gpu", "rtx3050", "--batch-size", "32", "--precision", "fp32", "--size", "default")
+    mc, sep = plan("multichannel", *args)["train"], plan("separate", *args)["train"]
+    assert abs(mc["peak_tensors"] - sep["peak_tensors"]) <= 0.01 * mc["peak_tensors"]
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "batch"), [("multichannel", "default", "512"), ("lfm2", "rtx3050", "4")]
+)
+def test_measure_on_cpu_agrees_within_3_percent(model: str, size: str, batch: str) -> None:
+    doc = plan(model, "--gpu", "rtx3050", "--size", size, "--batch-size", batch,
+               "--precision", "fp32", "--optimizer", "adamw", "--measure")
+    measure = doc["measure"]
+    assert measure["device"] == "cpu"
+    assert abs(measure["error_percent"]) <= 3.0
+    assert measure["measured_peak_tensors"] > 0 and all(t > 0 for t in measure["step_seconds"])
+
+
+def test_environment_chooses_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMKIT_MODEL", "multichannel")
+    assert plan("--gpu", "rtx3050", "--size", "default", "--batch-size", "8")["model"] == "multichannel"
+
+
+def test_unsupported_preset_precision_falls_back_with_a_note() -> None:
+    result = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "cpu", "--size", "default",
+                                 "--batch-size", "8", "--json"])
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc["precision"] == "bf16"  # half-data asks for fp16, which the cpu preset does not offer
+    assert any("fp16" in note for note in doc["notes"])
+
+
+def test_table_output_labels_what_is_simulated_and_what_is_estimated() -> None:
+    result = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "rtx3050", "--size", "default",
+                                 "--batch-size", "32", "--precision", "fp32"])
+    assert result.exit_code == 0
+    for text in ("peak tensors", "simulated", "CUDA context", "(preset)", "fits", "estimate"):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--gpu", "nosuch"), "unknown GPU preset 'nosuch'; valid: "),
+        (("nosuch", "--gpu", "rtx3050"), "unknown model 'nosuch'"),
+        (("--gpu", "rtx3050", "--preset", "nope"), "unknown training preset 'nope'"),
+        (("--gpu", "gtx1650", "--precision", "bf16"), "does not support bf16"),
+        (("--gpu", "rtx3050", "--batch-size", "many"), "--batch-size expects a positive integer or 'auto'"),
+        (("multichannel", "--gpu", "rtx3050", "--grad-checkpointing"), "does not support gradient checkpointing"),
+        (("--gpu", "rtx3050", "--prefer", "speed"), "--prefer must be"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args: tuple[str, ...], expected: str) -> None:
+    result = runner.invoke(app, ["memory-plan", *args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_unknown_gpu_lists_the_presets() -> None:
+    result = runner.invoke(app, ["memory-plan", "--gpu", "nosuch"])
+    assert result.exit_code == 2
+    assert "rtx3050" in result.stderr and "h100-80gb" in result.stderr and "cpu" in result.stderr
