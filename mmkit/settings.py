@@ -123,6 +123,14 @@ class TrainingRecipe(BaseModel):
     train_fraction: float = Field(default=1.0, gt=0, le=1)  # stratified subset of the train split
     gradient_checkpointing: bool = False
     seed: int = 0
+    gpu: str | None = None  # the GPU `auto` size/batch is fitted to (None: the local device)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "cosine-restarts", "constant"] = "cosine"
+    restart_epochs: PositiveInt = 10  # cosine-restarts: length of the first cycle, doubling after
+    contrastive_weight: NonNegativeFloat = 0.5  # clip/fusion: weight of the CLIP contrastive term
+    checkpoint_every: PositiveInt = 1  # epochs between periodic checkpoints
+    keep_last: PositiveInt = 3  # periodic checkpoints kept (the best is always kept)
+    eval_batch_size: PositiveInt = 256
 
 
 class TrainingPreset(TrainingRecipe):

@@ -27,8 +27,8 @@ pooled mean, so extra padding or junk after EOS never changes an output.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import NamedTuple, Self
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmkit.data.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
 from mmkit.errors import MmkitError
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
+from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model, require_inputs
 
 HEAD_WIDTH = 32  # per-head width of the named sizes (128 / 4 heads); at_width keeps it
 CLIP_INIT_TEMPERATURE = 0.07  # CLIP initializes logit_scale to log(1 / 0.07)
@@ -82,6 +82,16 @@ class ImageTextConfig(ModelConfig):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def overrides_for_inputs(cls, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        require_inputs("clip/fusion", ("image", "text"), shapes)
+        image, text = shapes["image"], shapes["text"]
+        if len(image) != 3 or image[1] != image[2]:
+            raise MmkitError(f"input 'image' must be [channels, size, size] per sample, got shape {image}")
+        if len(text) != 1:
+            raise MmkitError(f"input 'text' must be [tokens] per sample, got shape {text}")
+        return {"in_channels": image[0], "image_size": image[1], "context_length": text[0]}
 
     def at_width(self, width: int) -> Self:
         """Width and joint embedding `width`, 32-wide heads, every depth and ratio unchanged."""

@@ -52,7 +52,8 @@ Design rules:
 
 from __future__ import annotations
 
-from typing import Self
+from collections.abc import Mapping
+from typing import Any, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
@@ -69,7 +70,8 @@ from mmkit.models.blocks import (
     lfm2_ffn_dim,
     run_block,
 )
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
+from mmkit.errors import MmkitError
+from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model, require_inputs
 
 HEAD_DIM_TARGET = 64  # at_width picks heads so that head_dim is about this
 FULL_DEPTH_MIN_WIDTH = 384  # at_width uses the original depths from this width up
@@ -181,6 +183,20 @@ class Lfm2Config(ModelConfig):
     @property
     def width(self) -> int:
         return self.audio.dim
+
+    @classmethod
+    def overrides_for_inputs(cls, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        require_inputs("lfm2", ("audio", "video"), shapes)
+        audio, video = shapes["audio"], shapes["video"]
+        if len(audio) != 2:
+            raise MmkitError(f"input 'audio' must be [frames, n_mels] per sample, got shape {audio}")
+        if len(video) != 4:
+            raise MmkitError(f"input 'video' must be [frames, channels, height, width] per sample, got shape {video}")
+        return {
+            "audio_frames": audio[0], "n_mels": audio[1],
+            "video_frames": video[0], "frame_channels": video[1],
+            "frame_height": video[2], "frame_width": video[3],
+        }
 
     def at_width(self, width: int) -> Self:
         """Every dim rescaled from `width`; depths switch at 384 (rules in the module docstring)."""

@@ -9,13 +9,15 @@ At the default size: 2,365,962 parameters (the first seed's figure, which is rig
 
 from __future__ import annotations
 
-from typing import Self
+from collections.abc import Mapping
+from typing import Any, Self
 
 import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
+from mmkit.errors import MmkitError
+from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model, require_inputs
 
 
 class StreamConfig(ModelConfig):
@@ -33,6 +35,14 @@ class StreamConfig(ModelConfig):
     def at_width(self, width: int) -> Self:
         # the second layer keeps the seed's 2:1 taper
         return self.model_copy(update={"hidden": (width, max(1, width // 2))})
+
+    @classmethod
+    def overrides_for_inputs(cls, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        require_inputs("multichannel/separate", ("color", "brightness"), shapes)
+        for name in ("color", "brightness"):
+            if len(shapes[name]) != 1:
+                raise MmkitError(f"input {name!r} must be a flat vector per sample, got shape {shapes[name]}")
+        return {"color_dim": shapes["color"][0], "brightness_dim": shapes["brightness"][0]}
 
 
 def stream_mlp(in_dim: int, hidden: tuple[int, int]) -> nn.Sequential:

@@ -40,6 +40,14 @@ class ModelConfig(BaseModel):
         """This config rescaled to `width` (the family documents how the other dims follow)."""
         raise NotImplementedError
 
+    @classmethod
+    def overrides_for_inputs(cls, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """Config overrides that make the model accept inputs of these per-sample `shapes`.
+
+        Only the inputs the model uses are read; raise MmkitError when one is missing or unusable.
+        """
+        raise NotImplementedError
+
 
 class InputSpec(NamedTuple):
     """One named model input, without the batch dimension."""
@@ -232,6 +240,25 @@ def resolve_config(
     size_name, config = size_config(entry, size)
     config = apply_overrides(config, overrides or {})
     return entry, size_name, config
+
+
+def require_inputs(model: str, needed: tuple[str, ...], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    missing = [name for name in needed if name not in shapes]
+    if missing:
+        raise MmkitError(
+            f"model {model!r} expects inputs {', '.join(needed)}; the data has "
+            f"{', '.join(sorted(shapes)) or 'none'} (missing {', '.join(missing)})"
+        )
+
+
+def data_overrides(
+    entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], num_classes: int
+) -> dict[str, Any]:
+    """Overrides that fit a model of `entry`'s family to a dataset: input widths and classes."""
+    with torch.device("meta"):
+        needed = tuple(build_model(entry, entry.sizes[entry.default_size]).input_specs())
+    require_inputs(entry.name, needed, shapes)
+    return {**entry.config_class.overrides_for_inputs(shapes), "num_classes": num_classes}
 
 
 def build_model(entry: ModelEntry, config: ModelConfig) -> MultimodalModel:

@@ -159,8 +159,10 @@ def ladder_sizes(entry: ModelEntry, base: ModelConfig, overrides: Mapping[str, A
     named = {config: name for name, config in entry.sizes.items()}
     out = []
     for width in entry.ladder:
-        config = apply_overrides(base.at_width(width), overrides)
-        out.append((named.get(config, f"w{width}"), config))
+        rescaled = base.at_width(width)
+        name = named.get(rescaled.model_copy(update={"gradient_checkpointing": False})
+                         if "gradient_checkpointing" in type(rescaled).model_fields else rescaled, f"w{width}")
+        out.append((name, apply_overrides(rescaled, overrides)))
     return out
 
 

@@ -47,11 +47,13 @@ def build_grad_scaler(precision: str, device_type: str) -> torch.amp.GradScaler 
     return torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
 
-def compute_loss(output: Any, labels: torch.Tensor, contrastive_weight: float = 0.0) -> torch.Tensor:
+def compute_loss(
+    output: Any, labels: torch.Tensor, contrastive_weight: float = 0.0, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy on the class logits, plus the symmetric CLIP contrastive loss when the model
     returns `contrastive_logits` [B, B] and `contrastive_weight` > 0."""
     logits = logits_of(output)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     contrastive = getattr(output, "contrastive_logits", None)
     if contrastive_weight > 0 and contrastive is not None and contrastive.shape[0] == contrastive.shape[1]:
         targets = torch.arange(contrastive.shape[0], device=contrastive.device)
@@ -71,6 +73,7 @@ def training_step(
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
     contrastive_weight: float = 0.0,
+    label_smoothing: float = 0.0,
     loss_scale: float = 1.0,
     step_optimizer: bool = True,
     on_phase: Phase = _no_phase,
@@ -85,7 +88,7 @@ def training_step(
     on_phase("forward")
     with torch.autocast(device_type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES):
         output = model(**inputs)
-        loss = compute_loss(output, labels, contrastive_weight)
+        loss = compute_loss(output, labels, contrastive_weight, label_smoothing)
     del output
     on_phase("backward")
     scaled = loss * loss_scale

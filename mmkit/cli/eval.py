@@ -1,0 +1,105 @@
+"""`mmkit eval RUN`: accuracy, UAR, WAR, macro-F1, per-class recall and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from mmkit.cli.common import console, print_json, user_errors_exit_2
+from mmkit.errors import MmkitError
+
+if TYPE_CHECKING:
+    from mmkit.train.metrics import ClassificationMetrics
+
+
+@user_errors_exit_2
+def eval_cli(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best, last, or a step number.")] = "best",
+    data: Annotated[str | None, typer.Option("--data", help="Evaluate on other data (default: the run's).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write PNG plots (training curves, confusion matrix) here.")] = None,
+) -> None:
+    """Evaluate a run's checkpoint on its test (or validation) split."""
+    import torch
+
+    from mmkit.data.datasets import load_dataset
+    from mmkit.models.registry import build_model
+    from mmkit.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from mmkit.train.config import RunConfig
+    from mmkit.train.loop import check_data_fits_model, evaluate
+    from mmkit.train.prepare import resolve_device
+
+    if split not in ("test", "val"):
+        raise MmkitError(f"unknown split {split!r}; valid: test, val")
+    if plot is not None:
+        _require_matplotlib()
+    config = RunConfig.load(run)
+    path = resolve_checkpoint(run, checkpoint)
+    model_state, _, trainer = load_checkpoint(path)
+    if trainer.get("model") != config.model:
+        raise MmkitError(
+            f"checkpoint {path} belongs to model {trainer.get('model')!r}, but run {run} is {config.model!r}"
+        )
+    data_spec = data or config.data
+    dataset = load_dataset(data_spec, seed=config.training.seed)
+    check_data_fits_model(config, dataset.input_shapes(), dataset.num_classes, data_spec)
+
+    dev = torch.device(resolve_device(device))
+    model = build_model(config.entry, config.model_config_object())
+    model.load_state_dict(model_state)
+    model.to(dev)
+    metrics = evaluate(model, dataset, dataset.indices(split), batch_size=config.training.eval_batch_size,
+                       precision=config.precision, device=dev)
+    document = metrics.as_dict(split) | {
+        "run": str(run), "checkpoint": path.name, "epoch": trainer.get("epoch"), "data": data_spec,
+    }
+    if plot is not None:
+        from mmkit.train.loop import read_history
+        from mmkit.train.plots import write_plots
+
+        document["plots"] = [str(p) for p in write_plots(plot, read_history(run), metrics, dataset.classes)]
+    if json_output:
+        print_json(document)
+    else:
+        render_metrics(metrics, dataset.classes, f"{config.model} · {run} · {path.name} · {split} split ({data_spec})")
+        for p in document.get("plots", []):
+            console.print(f"wrote {p}")
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MmkitError("--plot needs matplotlib: pip install 'mmkit-cli[plot]'") from None
+
+
+def render_metrics(metrics: ClassificationMetrics, classes: tuple[str, ...], title: str) -> None:
+    summary = Table(title=title, title_justify="left")
+    for column in ("n", "accuracy", "UAR", "WAR", "macro-F1"):
+        summary.add_column(column, justify="right")
+    summary.add_row(str(metrics.n), f"{metrics.accuracy:.4f}", f"{metrics.uar:.4f}", f"{metrics.war:.4f}",
+                    f"{metrics.macro_f1:.4f}")
+    console.print(summary)
+
+    matrix = Table(title="confusion matrix (rows: true class, columns: predicted; recall per row)",
+                   title_justify="left")
+    matrix.add_column("true \\ predicted")
+    for i, _ in enumerate(classes):
+        matrix.add_column(str(i), justify="right")
+    matrix.add_column("recall", justify="right")
+    for i, (name, row) in enumerate(zip(classes, metrics.confusion, strict=True)):
+        total = sum(row) or 1
+        cells = []
+        for j, count in enumerate(row):
+            share = count / total
+            style = ("bold green" if i == j else "red") if share >= 0.15 else ("green" if i == j else "dim")
+            cells.append(f"[{style}]{count}[/{style}]" if count else "[dim]·[/dim]")
+        recall = metrics.per_class_recall.get(name)
+        matrix.add_row(f"{i} {name}", *cells, f"{recall:.3f}" if recall is not None else "-")
+    console.print(matrix)

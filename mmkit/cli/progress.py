@@ -1,0 +1,86 @@
+"""Rich progress for training: an epoch bar and a step bar with loss, lr, samples/s and ETA, and a
+one-line summary per epoch. Bars go to stderr; the configuration and summaries to stdout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mmkit.cli.common import console, err_console
+from mmkit.train.config import RunConfig
+from mmkit.train.metrics import ClassificationMetrics
+
+
+class RichReporter:
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+        )
+        self.epoch_task: Any = None
+        self.step_task: Any = None
+
+    def start(self, config: RunConfig, resumed_from: int | None) -> None:
+        t = config.training
+        head = "resuming" if resumed_from is not None else "training"
+        console.print(
+            f"[bold]{head}[/bold] {config.model} · size {config.size} · data {config.data} · preset {config.preset}"
+            + (f" · from epoch {resumed_from}" if resumed_from is not None else "")
+        )
+        console.print(
+            f"  device {config.device} · {config.precision} · batch {t.batch_size}"
+            f"{f' ({t.grad_accum} micro-batches)' if t.grad_accum > 1 else ''} · epochs {t.epochs} · "
+            f"lr {t.lr:g} {t.schedule} (warmup {t.warmup_fraction:.0%}) · {t.optimizer} wd {t.weight_decay:g} · "
+            f"clip {t.grad_clip} · label smoothing {t.label_smoothing:g} · train fraction {t.train_fraction:g} · seed {t.seed}"
+        )
+        for note in config.notes:
+            console.print(f"  [yellow]note:[/yellow] {note}")
+        self.progress.start()
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.epoch_task is None:
+            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch - 1, info="")
+        if self.step_task is not None:
+            self.progress.remove_task(self.step_task)
+        self.step_task = self.progress.add_task(f"epoch {epoch}", total=steps, info="")
+
+    def step(self, loss: float, lr: float, samples_per_s: float) -> None:
+        self.progress.update(
+            self.step_task, advance=1, info=f"loss {loss:.4f} · lr {lr:.2e} · {samples_per_s:,.0f} samples/s"
+        )
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        self.progress.advance(self.epoch_task)
+        self.progress.console.print(
+            f"epoch {record['epoch']:>3} · train loss {record['train_loss']:.4f} · val loss {record['val_loss']:.4f}"
+            f" · val acc {record['val_accuracy']:.3f} · val UAR {record['val_uar']:.3f} · "
+            f"{record['epoch_time']:.1f} s · {record['samples_per_s']:,.0f} samples/s"
+            + (" · [green]best[/green]" if record["best"] else ""),
+            highlight=False,
+        )
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def end(self, test: ClassificationMetrics | None) -> None:
+        self.progress.stop()
+        if test is not None:
+            console.print(
+                f"test (best checkpoint): accuracy {test.accuracy:.3f} · UAR {test.uar:.3f} · "
+                f"WAR {test.war:.3f} · macro-F1 {test.macro_f1:.3f}"
+            )

@@ -1,0 +1,1 @@
+"""Training: the loop, safe checkpoints, metrics, continual learning."""

@@ -1,0 +1,596 @@
+"""Safe checkpoints: safetensors for tensors, JSON for everything else, nothing executable.
+
+Layout of a run directory's checkpoints (DESIGN.md, "Run directory", a contract):
+
+    RUN/checkpoints/step-NNNNNNNN/   model.safetensors   the model's state_dict
+                                     state.safetensors   optimizer, scaler and RNG tensors
+                                     trainer_state.json  step, epoch, config, non-tensor state
+                                     manifest.json       size and sha256 of the three; written last
+    RUN/checkpoints/best.json, last.json   pointers: {"step": N, "path": "step-NNNNNNNN", ...}
+
+A checkpoint is built in `checkpoints/.tmp-step-NNNNNNNN-<pid>-<random>/`, every file and the
+directory are fsynced, and only then is it renamed to `step-NNNNNNNN`. A directory named
+`step-*` with a manifest is therefore complete; a crash leaves at worst a `.tmp-*` directory, which
+is never listed and is removed by a later save once its process is gone. Loading checks every file
+against the manifest (size, then sha256) before reading a byte of it as tensors or JSON.
+
+Training state that is not a plain tensor dict (optimizer and scheduler state dicts, RNG states,
+the GradScaler) is split here into tensors (for `state.safetensors`) and JSON-able metadata (for
+`trainer_state.json`) and put back together exactly, keeping ints, floats, tuples and int keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mmkit.errors import MmkitError
+
+FORMAT = "mmkit-checkpoint/1"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, TRAINER_STATE_FILE)
+POINTER_NAMES = ("best", "last")
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+_TEMP_PREFIXES = (".tmp-", ".old-")  # checkpoints being built / being deleted
+_HASH_CHUNK = 1 << 20  # read files 1 MiB at a time when hashing
+
+
+class CheckpointError(MmkitError):
+    """A checkpoint or pointer file is missing or damaged; the message names the file and why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def step_dir_name(step: int) -> str:
+    """`step-00000012`: zero-padded to 8 digits so names sort like steps (longer when step ≥ 1e8)."""
+    return f"step-{step:08d}"
+
+
+def step_of(path: Path | str) -> int:
+    """The step number in a `step-NNNNNNNN` directory name."""
+    match = _STEP_DIR.fullmatch(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory name (expected step-NNNNNNNN)")
+    return int(match.group(1))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (`step-*` directories with a manifest), oldest step first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        entry
+        for entry in root.iterdir()
+        if _STEP_DIR.fullmatch(entry.name) and entry.is_dir() and (entry / MANIFEST_FILE).is_file()
+    ]
+    return sorted(found, key=lambda p: (step_of(p), p.name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: Mapping[str, Tensor],
+    state_tensors: Mapping[str, Tensor],
+    trainer_state: Mapping[str, Any],
+    *,
+    keep_last: int | None = 3,
+    protect: Iterable[str | Path] = frozenset(),
+) -> Path:
+    """Write `RUN/checkpoints/step-NNNNNNNN/` atomically and return its path.
+
+    `model_state` is a model's state_dict (tied / shared tensors are fine: each key is stored,
+    duplicates as copies); `state_tensors` the optimizer / scaler / RNG tensors; `trainer_state`
+    anything JSON-serializable. An existing checkpoint of the same step is replaced.
+
+    `keep_last=K` then deletes the oldest complete checkpoints beyond the newest K, never the one
+    just written, nothing named in `protect` (directory names or paths) and never the checkpoint
+    that `best.json` points to. `keep_last=None` keeps everything.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (or None to keep all), got {keep_last}")
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    final = root / name
+    temp = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+    temp.mkdir()
+    try:
+        metadata = {"format": "pt", "mmkit": FORMAT}  # "pt" lets other safetensors tools load it
+        save_file(_prepare_for_safetensors(model_state), temp / MODEL_FILE, metadata=metadata)
+        save_file(_prepare_for_safetensors(state_tensors), temp / STATE_FILE, metadata=metadata)
+        (temp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+        files = {}
+        for file_name in CHECKPOINT_FILES:
+            digest, size = _fsync_and_hash(temp / file_name)
+            files[file_name] = {"sha256": digest, "bytes": size}
+        manifest = {"format": FORMAT, "step": step, "files": files}
+        _write_and_fsync(temp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        _fsync_dir(temp)
+        if final.exists():
+            # Move the old one out of the way first: at every instant there is at most one
+            # `step-N`, and it is complete.
+            old = root / f".old-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+            os.rename(temp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(temp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+    if keep_last is not None:
+        _prune(run_dir, keep_last, keep={name, *(Path(p).name for p in protect)})
+    _remove_stale_temp_dirs(root)
+    return final
+
+
+def _prepare_for_safetensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU tensors, no two sharing storage (safetensors refuses aliases).
+
+    Tied weights (two keys, one Parameter) become two equal copies on disk; loading them back with
+    `load_state_dict` into a model that ties them writes the same values twice, which is harmless.
+    """
+    prepared: dict[str, Tensor] = {}
+    seen_storages: set[tuple[str, int]] = set()
+    for key, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{key!r}: expected a tensor, got {type(value).__name__}")
+        tensor = value.detach().to("cpu")
+        storage = (str(value.device), tensor.untyped_storage().data_ptr())
+        shared = storage in seen_storages
+        seen_storages.add(storage)
+        if shared or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        prepared[key] = tensor
+    return prepared
+
+
+def _prune(run_dir: Path, keep_last: int, keep: set[str]) -> None:
+    """Delete the oldest complete checkpoints beyond the newest `keep_last`, except `keep`."""
+    try:
+        keep.add(read_pointer(run_dir, "best").name)
+    except CheckpointError:
+        pass  # no (valid) best pointer yet: nothing extra to protect
+    complete = list_checkpoints(run_dir)
+    for path in complete[: max(len(complete) - keep_last, 0)]:
+        if path.name not in keep:
+            _remove_dir(path)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename away first so an interrupted delete never leaves a half-empty `step-*` behind."""
+    doomed = path.with_name(f".old-{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_stale_temp_dirs(root: Path) -> None:
+    """Delete `.tmp-*` / `.old-*` leftovers of processes that no longer run (crashed saves)."""
+    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX; elsewhere leave them alone
+        return
+    for entry in root.iterdir():
+        if not entry.name.startswith(_TEMP_PREFIXES) or not entry.is_dir():
+            continue
+        match = re.fullmatch(r"\.(?:tmp|old)-step-\d+-(\d+)-[0-9a-f]+", entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _fsync_and_hash(path: Path) -> tuple[str, int]:
+    """Flush `path` to disk and return (sha256 hex, size in bytes) of what is there."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "r+b") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())
+    return digest.hexdigest(), size
+
+
+def _write_and_fsync(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (POSIX; a no-op where directories can't be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_checkpoint(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """(model_state, state_tensors, trainer_state) of a verified checkpoint directory.
+
+    Raises CheckpointError naming the file and the reason when the manifest is missing or invalid,
+    or a file is missing, truncated, of the wrong size or fails its sha256 check.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    manifest = _read_manifest(path)
+    for file_name, expected in manifest["files"].items():
+        _verify_file(path / file_name, expected["bytes"], expected["sha256"])
+    try:
+        model_state = load_file(path / MODEL_FILE, device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path / MODEL_FILE}: unreadable safetensors file ({error})") from None
+    try:
+        state_tensors = load_file(path / STATE_FILE, device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable safetensors file ({error})") from None
+    trainer_state = _read_json(path / TRAINER_STATE_FILE)
+    if not isinstance(trainer_state, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE_FILE}: expected a JSON object")
+    return model_state, state_tensors, trainer_state
+
+
+def _read_manifest(checkpoint: Path) -> dict[str, Any]:
+    manifest_path = checkpoint / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{manifest_path}: manifest.json missing "
+            "(the checkpoint is incomplete or not an mmkit checkpoint)"
+        )
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{manifest_path}: unsupported format {found!r}; expected {FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path}: no 'files' table")
+    for file_name in CHECKPOINT_FILES:
+        if file_name not in files:
+            raise CheckpointError(f"{manifest_path}: does not list {file_name}")
+    for file_name, entry in files.items():
+        valid_entry = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("bytes"), int)
+        )
+        if Path(file_name).name != file_name or file_name in ("", ".", "..") or not valid_entry:
+            raise CheckpointError(f"{manifest_path}: invalid entry for {file_name!r}")
+    return manifest
+
+
+def _verify_file(path: Path, expected_bytes: int, expected_sha256: str) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {path.name} missing")
+    size = path.stat().st_size
+    if size == 0 and expected_bytes > 0:
+        raise CheckpointError(f"{path}: {path.name} is empty (0 of {expected_bytes} bytes; truncated)")
+    if size < expected_bytes:
+        raise CheckpointError(f"{path}: {path.name} truncated ({size} of {expected_bytes} bytes)")
+    if size != expected_bytes:
+        raise CheckpointError(
+            f"{path}: {path.name} size mismatch ({size} bytes, manifest says {expected_bytes})"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != expected_sha256:
+        raise CheckpointError(f"{path}: {path.name}: sha256 mismatch (the file is corrupt)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {path.name} missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: {path.name}: invalid JSON ({error})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pointers: best.json and last.json
+
+
+def _pointer_path(run_dir: Path, name: str) -> Path:
+    if name not in POINTER_NAMES:
+        raise ValueError(f"pointer name must be one of {POINTER_NAMES}, got {name!r}")
+    return checkpoints_dir(run_dir) / f"{name}.json"
+
+
+def write_pointer(
+    run_dir: Path, name: str, checkpoint_path: Path | str, extra: Mapping[str, Any] | None = None
+) -> Path:
+    """Atomically write `checkpoints/<name>.json` = {"step", "path", **extra}; return its path.
+
+    `checkpoint_path` is a complete checkpoint directory of this run (a path or its name). `extra`
+    may repeat "step" or "path" only with the same values.
+    """
+    pointer = _pointer_path(run_dir, name)
+    target = checkpoints_dir(run_dir) / Path(checkpoint_path).name
+    step = step_of(target)
+    if not (target / MANIFEST_FILE).is_file():
+        raise CheckpointError(
+            f"{target}: not a complete checkpoint (no {MANIFEST_FILE}); {name}.json unchanged"
+        )
+    record = {"step": step, "path": target.name}
+    for key, value in (extra or {}).items():
+        if key in record and value != record[key]:
+            raise ValueError(f"extra {key}={value!r} contradicts the checkpoint's {key}={record[key]!r}")
+        record[key] = value
+    temp = pointer.with_name(f".{pointer.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        _write_and_fsync(temp, json.dumps(record, indent=2) + "\n")
+        os.replace(temp, pointer)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(pointer.parent)
+    return pointer
+
+
+def read_pointer_record(run_dir: Path, name: str) -> dict[str, Any]:
+    """The whole pointer record {"step", "path", **extra}, validated (target not checked)."""
+    pointer = _pointer_path(run_dir, name)
+    if not pointer.is_file():
+        raise CheckpointError(f"{pointer}: {pointer.name} missing (no {name} checkpoint recorded)")
+    record = _read_json(pointer)
+    target = record.get("path") if isinstance(record, dict) else None
+    # The path must be a bare `step-N` name: a pointer can never lead outside checkpoints/.
+    if not isinstance(target, str) or not _STEP_DIR.fullmatch(target):
+        raise CheckpointError(f"{pointer}: {pointer.name}: not a checkpoint pointer (no valid 'path')")
+    return record
+
+
+def read_pointer(run_dir: Path, name: str) -> Path:
+    """The checkpoint directory that `checkpoints/<name>.json` points to; it must exist and be complete."""
+    record = read_pointer_record(run_dir, name)
+    target = checkpoints_dir(run_dir) / record["path"]
+    if not (target / MANIFEST_FILE).is_file():
+        available = _describe_available(run_dir)
+        raise CheckpointError(
+            f"{_pointer_path(run_dir, name)}: points to {record['path']}, which is missing or incomplete; "
+            f"available: {available}"
+        )
+    return target
+
+
+def resolve_checkpoint(run_dir: Path, which: str) -> Path:
+    """"last", "best", a step number ("12") or a directory name ("step-00000012") → checkpoint path.
+
+    "last" falls back to the newest complete checkpoint when last.json is missing, unreadable or
+    points to a checkpoint that is gone (e.g. a crash between saving and updating the pointer).
+    """
+    which = str(which).strip()
+    if which == "last":
+        try:
+            return read_pointer(run_dir, "last")
+        except CheckpointError:
+            complete = list_checkpoints(run_dir)
+            if complete:
+                return complete[-1]
+            raise CheckpointError(f"{checkpoints_dir(run_dir)}: no checkpoints in this run") from None
+    if which == "best":
+        return read_pointer(run_dir, "best")
+    match = _STEP_DIR.fullmatch(which) or re.fullmatch(r"(\d+)", which)
+    if match is None:
+        raise CheckpointError(
+            f"unknown checkpoint {which!r}; use last, best or a step number; available: "
+            f"{_describe_available(run_dir)}"
+        )
+    step = int(match.group(1))
+    for path in list_checkpoints(run_dir):
+        if step_of(path) == step:
+            return path
+    raise CheckpointError(
+        f"no checkpoint at step {step} in {checkpoints_dir(run_dir)}; "
+        f"available: {_describe_available(run_dir)}"
+    )
+
+
+def _describe_available(run_dir: Path) -> str:
+    """`steps 10, 20, 30; last → step-00000030; best → step-00000020` (for error messages)."""
+    steps = [str(step_of(p)) for p in list_checkpoints(run_dir)]
+    parts = [f"steps {', '.join(steps)}" if steps else "no checkpoints"]
+    for name in POINTER_NAMES:
+        try:
+            parts.append(f"{name} → {read_pointer_record(run_dir, name)['path']}")
+        except CheckpointError:
+            pass
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training state as tensors + JSON metadata (no Python object serialization anywhere)
+
+# Tags for the values JSON cannot hold as themselves.
+_TENSOR, _TUPLE, _PAIRS = "__tensor__", "__tuple__", "__dict_pairs__"
+
+
+def state_to_tensors(state: Any, prefix: str) -> tuple[dict[str, Tensor], Any]:
+    """Split a nested state (dicts, lists, tuples, tensors, JSON scalars) into tensors + JSON meta.
+
+    Each tensor goes to `tensors["<prefix>.<path>"]` (e.g. `optimizer.state.3.exp_avg`) and is
+    replaced in the meta by `{"__tensor__": key}`; tuples become `{"__tuple__": [...]}` and dicts
+    with non-string keys (an optimizer's `state` is keyed by int) `{"__dict_pairs__": [[k, v], ...]}`,
+    so `state_from_tensors` restores them exactly. Works for optimizer, LR scheduler and GradScaler
+    state dicts.
+    """
+    tensors: dict[str, Tensor] = {}
+
+    def encode(value: Any, path: str) -> Any:
+        if isinstance(value, Tensor):
+            if path in tensors:
+                raise ValueError(f"two state entries map to the tensor key {path!r}")
+            tensors[path] = value.detach()
+            return {_TENSOR: path}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, tuple):
+            return {_TUPLE: [encode(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, Mapping):
+            keys_are_plain = all(isinstance(k, str) for k in value) and not (
+                len(value) == 1 and next(iter(value)) in (_TENSOR, _TUPLE, _PAIRS)
+            )
+            if keys_are_plain:
+                return {k: encode(v, f"{path}.{k}") for k, v in value.items()}
+            for k in value:
+                if k is not None and not isinstance(k, (bool, int, float, str)):
+                    raise TypeError(f"{path}: cannot store a dict key of type {type(k).__name__}")
+            return {_PAIRS: [[k, encode(v, f"{path}.{k}")] for k, v in value.items()]}
+        raise TypeError(f"{path}: cannot store a value of type {type(value).__name__} in a checkpoint")
+
+    meta = encode(state, prefix)
+    return tensors, meta
+
+
+def state_from_tensors(tensors: Mapping[str, Tensor], meta: Any) -> Any:
+    """Inverse of `state_to_tensors`."""
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if len(value) == 1:
+            [(tag, inner)] = value.items()
+            if tag == _TENSOR:
+                if inner not in tensors:
+                    raise CheckpointError(f"state tensor {inner!r} missing from {STATE_FILE}")
+                return tensors[inner]
+            if tag == _TUPLE:
+                return tuple(decode(v) for v in inner)
+            if tag == _PAIRS:
+                return {k: decode(v) for k, v in inner}
+        return {k: decode(v) for k, v in value.items()}
+
+    return decode(meta)
+
+
+def optimizer_state_to_tensors(
+    state_dict: Mapping[str, Any], prefix: str = "optimizer"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """`optimizer.state_dict()` → (tensors like `optimizer.state.3.exp_avg`, JSON meta).
+
+    Store the tensors in `state.safetensors` and the meta in `trainer_state.json`.
+    """
+    if "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("expected an optimizer state_dict with 'state' and 'param_groups'")
+    return state_to_tensors(dict(state_dict), prefix)
+
+
+def optimizer_state_from_tensors(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `optimizer_state_to_tensors`: a state_dict for `optimizer.load_state_dict`."""
+    return state_from_tensors(tensors, meta)
+
+
+def grad_scaler_state_to_meta(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """`GradScaler.state_dict()` is plain floats and ints (empty when disabled): JSON as it is."""
+    meta = dict(state_dict)
+    json.dumps(meta)  # fail here, not at save time, if a future torch puts something else in it
+    return meta
+
+
+def grad_scaler_state_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(meta)
+
+
+def rng_state_to_tensors(prefix: str = "rng") -> dict[str, Tensor]:
+    """Every random state a training run draws from, as tensors.
+
+    `<prefix>.torch` (CPU generator, uint8), `<prefix>.cuda.<i>` per CUDA device when CUDA is
+    available, `<prefix>.python.state` (int64 [626]: `random.getstate()`'s version and its 625
+    Mersenne Twister words) and `<prefix>.python.gauss_next` (float64 [0] or [1]).
+    """
+    tensors = {f"{prefix}.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{prefix}.cuda.{index}"] = state
+    version, internal, gauss_next = random.getstate()
+    tensors[f"{prefix}.python.state"] = torch.tensor([version, *internal], dtype=torch.int64)
+    tensors[f"{prefix}.python.gauss_next"] = torch.tensor(
+        [] if gauss_next is None else [gauss_next], dtype=torch.float64
+    )
+    return tensors
+
+
+def restore_rng_state(tensors: Mapping[str, Tensor], prefix: str = "rng") -> None:
+    """Inverse of `rng_state_to_tensors` (other keys in `tensors` are ignored).
+
+    CUDA states are restored for the devices that exist now; saved CUDA states are skipped when
+    resuming without CUDA.
+    """
+    for key in (f"{prefix}.torch", f"{prefix}.python.state", f"{prefix}.python.gauss_next"):
+        if key not in tensors:
+            raise CheckpointError(f"RNG state {key!r} missing from {STATE_FILE}")
+    torch.set_rng_state(tensors[f"{prefix}.torch"].to("cpu", torch.uint8))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            state = tensors.get(f"{prefix}.cuda.{index}")
+            if state is not None:
+                torch.cuda.set_rng_state(state.to("cpu", torch.uint8), index)
+    version, *internal = (int(v) for v in tensors[f"{prefix}.python.state"].tolist())
+    gauss = tensors[f"{prefix}.python.gauss_next"].tolist()
+    random.setstate((version, tuple(internal), gauss[0] if gauss else None))
+
+
+def generator_state_to_tensor(generator: torch.Generator) -> Tensor:
+    """A `torch.Generator`'s state (uint8, on the CPU whatever the generator's device)."""
+    return generator.get_state().clone()
+
+
+def restore_generator_state(generator: torch.Generator, state: Tensor) -> None:
+    generator.set_state(state.to("cpu", torch.uint8).contiguous())

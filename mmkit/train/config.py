@@ -1,0 +1,74 @@
+"""The resolved configuration of a run: everything `resume` and `eval` need, saved as run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mmkit import __version__
+from mmkit.errors import MmkitError
+from mmkit.models.registry import ModelConfig, ModelEntry, get_model_entry
+from mmkit.settings import TrainingRecipe
+
+RUN_FILE = "run.json"
+
+
+class RunConfig(BaseModel):
+    """One serializable object from which a run is rebuilt (litgpt-style)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    size: str  # resolved: a named size or wN, never "auto"
+    model_settings: dict[str, Any]  # the full model config, data-derived widths included
+    preset: str
+    training: TrainingRecipe  # resolved: batch_size is an int, size is the resolved size
+    data: str
+    device: str  # cpu, cuda, cuda:1
+    precision: str  # what actually runs on the device (fp16 only on CUDA)
+    fit: dict[str, Any] | None = None  # what `auto` chose and for which GPU
+    notes: list[str] = []
+    mmkit_version: str = __version__
+    torch_version: str = torch.__version__
+
+    @property
+    def entry(self) -> ModelEntry:
+        return get_model_entry(self.model)
+
+    def model_config_object(self) -> ModelConfig:
+        return self.entry.config_class.model_validate(self.model_settings)
+
+    def save(self, run_dir: Path) -> None:
+        write_json_atomic(run_dir / RUN_FILE, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunConfig:
+        path = run_dir / RUN_FILE
+        if not run_dir.is_dir():
+            raise MmkitError(f"run directory not found: {run_dir}")
+        if not path.is_file():
+            raise MmkitError(f"{run_dir} is not an mmkit run: {RUN_FILE} is missing")
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise MmkitError(f"{path}: invalid JSON: {exc}") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise MmkitError(f"{path}: field {where!r}: {first['msg']}") from None
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        json.dump(document, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

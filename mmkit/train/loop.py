@@ -1,0 +1,333 @@
+"""The training loop: one plain function, read top to bottom. `resume` is the same function with
+its state loaded from the run's last checkpoint.
+
+Exact resume: a checkpoint holds the model, the optimizer state, the GradScaler state, the global
+and Python RNG states and the data-order generator, taken at an epoch boundary after validation.
+Loading it puts every source of randomness and every counter where the uninterrupted run had
+them, so the continued run is bitwise identical on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mmkit.data.datasets import Dataset, iterate_batches, load_dataset, num_batches, stratified_subset
+from mmkit.errors import MmkitError
+from mmkit.models.registry import MultimodalModel, build_model, logits_of
+from mmkit.train.checkpoint import (
+    load_checkpoint,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    read_pointer,
+    resolve_checkpoint,
+    restore_rng_state,
+    rng_state_to_tensors,
+    save_checkpoint,
+    write_pointer,
+)
+from mmkit.train.config import RunConfig, write_json_atomic
+from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
+from mmkit.train.schedule import learning_rate
+from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
+
+HISTORY_FILE = "history.jsonl"
+METRICS_FILE = "metrics.json"
+DATA_GENERATOR_KEY = "rng.data_order"
+
+
+class Reporter(Protocol):
+    """What the loop tells the outside world; the CLI draws progress bars, tests stay silent."""
+
+    def start(self, config: RunConfig, resumed_from: int | None) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
+    def epoch_end(self, record: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def end(self, test: ClassificationMetrics | None) -> None: ...
+
+
+class SilentReporter:
+    def start(self, config: RunConfig, resumed_from: int | None) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
+    def epoch_end(self, record: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def end(self, test: ClassificationMetrics | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_dir: Path
+    epochs_done: int
+    finished: bool  # False when stopped early by `stop_after_epochs`
+    test: ClassificationMetrics | None
+
+
+def evaluate(
+    model: MultimodalModel, dataset: Dataset, indices: torch.Tensor, *, batch_size: int,
+    precision: str, device: torch.device,
+) -> ClassificationMetrics:
+    """Accuracy, UAR, WAR, macro-F1 and the confusion matrix on `indices` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    predictions = []
+    with torch.no_grad(), torch.autocast(
+        device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES
+    ):
+        for inputs, _ in iterate_batches(dataset, indices, batch_size, shuffle=False):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            predictions.append(logits_of(model(**inputs)).argmax(dim=-1).cpu())
+    model.train(was_training)
+    labels = dataset.labels[indices]
+    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    return classification_metrics(confusion_matrix(labels, predicted, dataset.num_classes), dataset.classes)
+
+
+def train_indices(config: RunConfig, dataset: Dataset) -> torch.Tensor:
+    """The training split, or its stratified seeded subset (`train_fraction`)."""
+    indices = dataset.indices("train")
+    fraction = config.training.train_fraction
+    if fraction < 1.0:
+        indices = stratified_subset(indices, dataset.labels[indices], fraction, config.training.seed)
+    return indices
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_history(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    path = run_dir / HISTORY_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def _checkpoint_tensors(
+    optimizer: torch.optim.Optimizer, data_order: torch.Generator
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, optimizer_meta = optimizer_state_to_tensors(optimizer.state_dict())
+    tensors.update(rng_state_to_tensors())
+    tensors[DATA_GENERATOR_KEY] = data_order.get_state()
+    return tensors, optimizer_meta
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_run(
+    run_dir: Path,
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    reporter: Reporter | None = None,
+    dataset: Dataset | None = None,
+) -> TrainOutcome:
+    """Train (or continue) the run in `run_dir` as `config` says; returns when done or stopped."""
+    reporter = reporter or SilentReporter()
+    recipe = config.training
+    device = torch.device(config.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir)
+
+    # ---- data: the full validation and test splits, a stratified fraction of train
+    dataset = dataset or load_dataset(config.data, seed=recipe.seed)
+    train_idx = train_indices(config, dataset)
+    val_idx = dataset.indices("val")
+    batch_size = int(recipe.batch_size)
+    micro_batches = recipe.grad_accum
+    steps_per_epoch = num_batches(len(train_idx), batch_size)
+    total_steps = steps_per_epoch * recipe.epochs
+    warmup_steps = round(recipe.warmup_fraction * total_steps)
+
+    # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible
+    seed_everything(recipe.seed)
+    model = build_model(config.entry, config.model_config_object()).to(device)
+    optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
+    scaler = build_grad_scaler(config.precision, device.type)
+    data_order = torch.Generator().manual_seed(recipe.seed)
+    start_epoch, global_step, best_uar, best_epoch = 0, 0, -1.0, None
+    history: list[dict[str, Any]] = []
+
+    # ---- resume: put every counter, state and random stream back where the checkpoint left them
+    resumed_from = None
+    if resume:
+        checkpoint_dir = resolve_checkpoint(run_dir, "last")
+        model_state, tensors, trainer = load_checkpoint(checkpoint_dir)
+        if trainer.get("model") != config.model:
+            raise MmkitError(
+                f"checkpoint {checkpoint_dir} belongs to model {trainer.get('model')!r}, "
+                f"but the run is {config.model!r}"
+            )
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state_from_tensors(tensors, trainer["optimizer"]))
+        if scaler is not None and trainer.get("scaler"):
+            scaler.load_state_dict(trainer["scaler"])
+        restore_rng_state(tensors)
+        data_order.set_state(tensors[DATA_GENERATOR_KEY])
+        start_epoch, global_step = trainer["epoch"], trainer["global_step"]
+        best_uar, best_epoch = trainer["best_uar"], trainer["best_epoch"]
+        history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
+        _write_history(run_dir, history)  # drop epochs the interrupted run logged after its checkpoint
+        resumed_from = start_epoch
+    elif (run_dir / HISTORY_FILE).exists():
+        (run_dir / HISTORY_FILE).unlink()
+
+    reporter.start(config, resumed_from)
+    model.train()
+    last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
+        reporter.epoch_start(epoch + 1, recipe.epochs, steps_per_epoch)
+        epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
+        for inputs, labels in iterate_batches(dataset, train_idx, batch_size, shuffle=True, generator=data_order):
+            lr = learning_rate(
+                global_step, base_lr=recipe.lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                schedule=recipe.schedule, steps_per_epoch=steps_per_epoch, restart_epochs=recipe.restart_epochs,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # gradient accumulation: the batch is what one optimizer step sees, split in micro-batches
+            n = labels.shape[0]
+            bounds = [round(i * n / micro_batches) for i in range(micro_batches + 1)]
+            step_loss = torch.zeros(())
+            for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+                if hi <= lo:
+                    continue
+                micro = {k: v[lo:hi].to(device) for k, v in inputs.items()}
+                loss = training_step(
+                    model, optimizer, micro, labels[lo:hi].to(device),
+                    precision=config.precision, scaler=scaler, grad_clip=recipe.grad_clip,
+                    contrastive_weight=recipe.contrastive_weight,
+                    label_smoothing=recipe.label_smoothing,
+                    loss_scale=(hi - lo) / n, step_optimizer=i == micro_batches - 1 or hi == n,
+                )
+                step_loss += loss.float().cpu() * (hi - lo) / n
+            if not torch.isfinite(step_loss):
+                raise MmkitError(
+                    f"loss is {step_loss.item()} at epoch {epoch + 1}, step {global_step + 1}; "
+                    f"the last checkpoint is intact (lower lr={recipe.lr} or use fp32)"
+                )
+            global_step += 1
+            seen += n
+            loss_sum += step_loss * n
+            reporter.step(step_loss.item(), lr, seen / max(time.perf_counter() - epoch_start, 1e-9))
+
+        # ---- end of epoch: validate, log, checkpoint
+        epoch_time = time.perf_counter() - epoch_start
+        val = evaluate(model, dataset, val_idx, batch_size=recipe.eval_batch_size,
+                       precision=config.precision, device=device)
+        val_loss = validation_loss(model, dataset, val_idx, recipe.eval_batch_size, config.precision, device)
+        record = {
+            "epoch": epoch + 1, "step": global_step,
+            "train_loss": (loss_sum / max(seen, 1)).item(), "val_loss": val_loss,
+            "val_accuracy": val.accuracy, "val_uar": val.uar, "val_war": val.war,
+            "val_macro_f1": val.macro_f1, "lr": lr, "epoch_time": epoch_time,
+            "samples_per_s": seen / max(epoch_time, 1e-9),
+        }
+        is_best = val.uar > best_uar
+        if is_best:
+            best_uar, best_epoch = val.uar, epoch + 1
+        record["best"] = is_best
+        history.append(record)
+        _write_history(run_dir, history)  # before the checkpoint: resume trims what it lacks
+        periodic = (epoch + 1) % recipe.checkpoint_every == 0 or epoch + 1 == last_epoch
+        if periodic or is_best:
+            tensors, optimizer_meta = _checkpoint_tensors(optimizer, data_order)
+            trainer_state = {
+                "model": config.model, "size": config.size, "epoch": epoch + 1,
+                "global_step": global_step, "best_uar": best_uar, "best_epoch": best_epoch,
+                "optimizer": optimizer_meta, "scaler": scaler.state_dict() if scaler is not None else None,
+                "val": {"uar": val.uar, "accuracy": val.accuracy},
+            }
+            best_name = _pointer_name(run_dir, "best")
+            path = save_checkpoint(
+                run_dir, global_step, model.state_dict(), tensors, trainer_state,
+                keep_last=recipe.keep_last, protect={best_name} if best_name and not is_best else set(),
+            )
+            write_pointer(run_dir, "last", path, {"epoch": epoch + 1, "step": global_step})
+            if is_best:
+                write_pointer(run_dir, "best", path, {"epoch": epoch + 1, "step": global_step, "val_uar": val.uar})
+        reporter.epoch_end(record)
+
+    finished = last_epoch >= recipe.epochs
+    test = None
+    if finished:
+        test = final_test(run_dir, config, model, dataset, device)
+    reporter.end(test)
+    return TrainOutcome(run_dir, last_epoch, finished, test)
+
+
+def _pointer_name(run_dir: Path, name: str) -> str | None:
+    try:
+        return read_pointer(run_dir, name).name
+    except MmkitError:
+        return None
+
+
+def validation_loss(
+    model: MultimodalModel, dataset: Dataset, indices: torch.Tensor, batch_size: int, precision: str,
+    device: torch.device,
+) -> float:
+    """Mean cross-entropy on `indices` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad(), torch.autocast(
+        device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES
+    ):
+        for inputs, labels in iterate_batches(dataset, indices, batch_size, shuffle=False):
+            logits = logits_of(model(**{k: v.to(device) for k, v in inputs.items()}))
+            total += torch.nn.functional.cross_entropy(
+                logits.float(), labels.to(device), reduction="sum"
+            ).double().cpu()
+            n += labels.shape[0]
+    model.train(was_training)
+    return (total / max(n, 1)).item()
+
+
+def final_test(
+    run_dir: Path, config: RunConfig, model: MultimodalModel, dataset: Dataset, device: torch.device
+) -> ClassificationMetrics:
+    """Evaluate the best checkpoint on the test split and write metrics.json."""
+    best = read_pointer(run_dir, "best")
+    model_state, _, trainer = load_checkpoint(best)
+    model.load_state_dict(model_state)
+    test = evaluate(model, dataset, dataset.indices("test"), batch_size=config.training.eval_batch_size,
+                    precision=config.precision, device=device)
+    document = test.as_dict("test") | {"checkpoint": best.name, "epoch": trainer["epoch"]}
+    write_json_atomic(run_dir / METRICS_FILE, document)
+    return test
+
+
+def check_data_fits_model(config: RunConfig, shapes: Mapping[str, tuple[int, ...]], num_classes: int, data: str) -> None:
+    """One clear error when a dataset's inputs or classes do not match a trained model."""
+    with torch.device("meta"):
+        model = build_model(config.entry, config.model_config_object())
+    expected = {name: tuple(spec.shape) for name, spec in model.input_specs().items()}
+    given = {name: tuple(shapes[name]) for name in expected if name in shapes}
+    if given != expected:
+        fmt = lambda d: ", ".join(f"{k} {list(v)}" for k, v in d.items()) or "none"  # noqa: E731
+        have = {k: tuple(v) for k, v in shapes.items()}
+        raise MmkitError(
+            f"data {data!r} does not fit the run's model {config.model!r}: expected inputs {fmt(expected)}; "
+            f"the data has {fmt(have)}"
+        )
+    if num_classes != model.config.num_classes:
+        raise MmkitError(
+            f"data {data!r} has {num_classes} classes, the run's model {config.model!r} predicts "
+            f"{model.config.num_classes}"
+        )

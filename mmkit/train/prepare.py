@@ -1,0 +1,128 @@
+"""From command-line choices to a resolved `RunConfig`: preset, data, model widths, auto-fitting.
+
+Precision follows the device. A preset's fp16 means fp16 autocast + GradScaler on CUDA; on a CPU,
+where fp16 kernels are very slow, it runs as bf16 autocast instead (and says so). Auto size and
+batch are fitted to the preset's target GPU (`gpu = "rtx3050"` in half-data) unless `--gpu` names
+another, with the precision of that GPU, so the same command gives the same model on any machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmkit.data.datasets import Dataset, load_dataset
+from mmkit.errors import MmkitError
+from mmkit.models.registry import apply_overrides, data_overrides, get_model_entry, size_config
+from mmkit.plan.memory import with_gradient_checkpointing
+from mmkit.settings import TrainingRecipe, resolve_training
+from mmkit.train.config import RunConfig
+
+TRAINING_KEYS = tuple(TrainingRecipe.model_fields)
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    config: RunConfig
+    dataset: Dataset
+
+
+def split_set_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--set` keys: `model.*` go to the model, the rest are training settings."""
+    model, training = {}, {}
+    for key, value in options.items():
+        if key.startswith("model."):
+            model[key.removeprefix("model.")] = value
+        elif key in TRAINING_KEYS:
+            training[key] = value
+        else:
+            raise MmkitError(
+                f"unknown setting {key!r}; valid: model.<model setting>, {', '.join(TRAINING_KEYS)}"
+            )
+    return model, training
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MmkitError(f"--device {device}: no CUDA device is available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MmkitError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def device_precision(precision: str, device: str) -> tuple[str, str | None]:
+    if precision == "fp16" and not device.startswith("cuda"):
+        return "bf16", "fp16 autocast is very slow on a CPU: running bf16 autocast instead"
+    return precision, None
+
+
+def prepare_run(
+    model: str,
+    *,
+    preset: str,
+    data: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    set_options: Mapping[str, Any] | None = None,
+    gpu: str | None = None,
+    device: str = "auto",
+) -> PreparedRun:
+    """Resolve everything a run needs; `flags` are the training options the user gave."""
+    entry = get_model_entry(model)
+    model_sets, training_sets = split_set_options(set_options or {})
+    recipe = resolve_training(preset, {**training_sets, **(flags or {})})
+    data_spec = data or entry.default_data
+    dataset = load_dataset(data_spec, seed=recipe.seed)
+    overrides = {**data_overrides(entry, dataset.input_shapes(), dataset.num_classes), **model_sets}
+
+    device = resolve_device(device)
+    precision, note = device_precision(recipe.precision, device)
+    notes = [note] if note else []
+
+    fit_info = None
+    if recipe.size == "auto" or recipe.batch_size == "auto":
+        from mmkit.plan.fit import fit_to_budget
+        from mmkit.plan.hardware import resolve_gpu
+
+        target, gpu_note = resolve_gpu(gpu or recipe.gpu or "auto")
+        if gpu_note:
+            notes.append(gpu_note)
+        target_precision = recipe.precision if recipe.precision in target.precisions else "fp32"
+        fit = fit_to_budget(
+            model, target, size=recipe.size, batch_size=recipe.batch_size, overrides=overrides,
+            precision=target_precision, optimizer=recipe.optimizer,
+            gradient_checkpointing=recipe.gradient_checkpointing,
+            min_batch_size=recipe.min_batch_size, max_batch_size=recipe.max_batch_size,
+        )
+        if not fit.chosen.fits:
+            raise MmkitError(
+                f"nothing fits {target.name!r}: {fit.size} at batch {fit.batch_size} needs "
+                f"{fit.chosen.total / 2**30:.2f} GiB, the budget is {fit.budget_bytes / 2**30:.2f} GiB"
+            )
+        size_name, config, batch_size = fit.size, fit.config, fit.batch_size
+        fit_info = {
+            "gpu": target.name, "precision": target_precision, "size": size_name, "batch_size": batch_size,
+            "total_bytes": fit.chosen.total, "budget_bytes": fit.budget_bytes,
+        }
+        notes.append(
+            f"auto: size {size_name}, batch {batch_size}, fitted to {target.name} ({target_precision}): "
+            f"{fit.chosen.total / 2**30:.2f} of {fit.budget_bytes / 2**30:.2f} GiB"
+        )
+    else:
+        size_name, config = size_config(entry, recipe.size)
+        config = with_gradient_checkpointing(
+            entry, apply_overrides(config, overrides), recipe.gradient_checkpointing
+        )
+        batch_size = int(recipe.batch_size)
+
+    resolved = recipe.model_copy(update={"batch_size": batch_size, "size": size_name})
+    run_config = RunConfig(
+        model=model, size=size_name, model_settings=config.model_dump(mode="json"), preset=preset,
+        training=TrainingRecipe.model_validate(resolved.model_dump()), data=data_spec, device=device,
+        precision=precision, fit=fit_info, notes=notes,
+    )
+    return PreparedRun(run_config, dataset)
