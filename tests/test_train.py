@@ -51,10 +51,11 @@ def test_quick_multichannel_run_has_everything_and_learns(tmp_path: Path) -> Non
     checkpoint = run / "checkpoints" / pointer["path"]
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.safetensors", "state.safetensors", "trainer_state.json"}
-    assert [r["epoch"] for r in history(run)] == [1, 2]
+    assert [r["epoch"] for r in history(run)] == [1, 2, 3]
     doc = json.loads(ok("eval", run, "--json").stdout)
     assert doc["split"] == "test" and doc["n"] == 1000
-    assert doc["accuracy"] >= 0.6
+    # a linear probe on the raw inputs reaches 0.67 (bench/linear_probe.py): the run must beat it
+    assert doc["accuracy"] >= 0.75
     assert abs(doc["war"] - doc["accuracy"]) < 1e-9
     assert sum(map(sum, doc["confusion_matrix"])) == doc["n"]
     metrics = json.loads((run / "metrics.json").read_text())  # the run's own final test
@@ -204,3 +205,14 @@ def test_plot_writes_pngs(finished_run: Path, tmp_path: Path) -> None:
     ok("eval", finished_run, "--plot", tmp_path / "plots")
     assert (tmp_path / "plots" / "confusion_matrix.png").stat().st_size > 0
     assert (tmp_path / "plots" / "training_curves.png").stat().st_size > 0
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    """multichannel has no batch-dependent layer: 4 micro-batches of 8 ≈ one batch of 32."""
+    common = ("train", "multichannel", "--preset", "quick", "--epochs", "1", "--train-fraction", "0.1")
+    ok(*common, "--out", tmp_path / "one")
+    ok(*common, "--out", tmp_path / "four", "--set", "grad_accum=4")
+    one, four = last_model(tmp_path / "one"), last_model(tmp_path / "four")
+    for key in one:
+        assert torch.allclose(one[key], four[key], atol=1e-5), key
+    assert abs(history(tmp_path / "one")[0]["train_loss"] - history(tmp_path / "four")[0]["train_loss"]) < 1e-4
