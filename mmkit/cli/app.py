@@ -14,7 +14,7 @@ import typer
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 from mmkit import __version__
-from mmkit.cli import count, eval, memory_plan, train
+from mmkit.cli import compare, count, eval, memory_plan, train
 
 app = typer.Typer(
     name="mmkit",
@@ -29,6 +29,7 @@ app.command(name="memory-plan")(memory_plan.memory_plan_cli)
 app.command(name="train")(train.train_cli)
 app.command(name="resume")(train.resume_cli)
 app.command(name="eval")(eval.eval_cli)
+app.command(name="compare")(compare.compare_cli)
 
 
 def _print_version(value: bool) -> None:

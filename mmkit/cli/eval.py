@@ -47,7 +47,7 @@ def eval_cli(
             f"checkpoint {path} belongs to model {trainer.get('model')!r}, but run {run} is {config.model!r}"
         )
     data_spec = data or config.data
-    dataset = load_dataset(data_spec, seed=config.training.seed)
+    dataset = load_dataset(data_spec, seed=config.data_seed)
     check_data_fits_model(config, dataset.input_shapes(), dataset.num_classes, data_spec)
 
     dev = torch.device(resolve_device(device))

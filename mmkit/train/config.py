@@ -29,6 +29,7 @@ class RunConfig(BaseModel):
     preset: str
     training: TrainingRecipe  # resolved: batch_size is an int, size is the resolved size
     data: str
+    data_seed: int = 0  # built-in data are generated from this seed (kept apart from the training seed)
     device: str  # cpu, cuda, cuda:1
     precision: str  # what actually runs on the device (fp16 only on CUDA)
     fit: dict[str, Any] | None = None  # what `auto` chose and for which GPU

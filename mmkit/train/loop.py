@@ -145,7 +145,7 @@ def train_run(
     config.save(run_dir)
 
     # ---- data: the full validation and test splits, a stratified fraction of train
-    dataset = dataset or load_dataset(config.data, seed=recipe.seed)
+    dataset = dataset or load_dataset(config.data, seed=config.data_seed)
     train_idx = train_indices(config, dataset)
     val_idx = dataset.indices("val")
     batch_size = int(recipe.batch_size)

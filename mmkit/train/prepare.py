@@ -70,13 +70,15 @@ def prepare_run(
     set_options: Mapping[str, Any] | None = None,
     gpu: str | None = None,
     device: str = "auto",
+    data_seed: int | None = None,
 ) -> PreparedRun:
     """Resolve everything a run needs; `flags` are the training options the user gave."""
     entry = get_model_entry(model)
     model_sets, training_sets = split_set_options(set_options or {})
     recipe = resolve_training(preset, {**training_sets, **(flags or {})})
     data_spec = data or entry.default_data
-    dataset = load_dataset(data_spec, seed=recipe.seed)
+    data_seed = recipe.seed if data_seed is None else data_seed
+    dataset = load_dataset(data_spec, seed=data_seed)
     overrides = {**data_overrides(entry, dataset.input_shapes(), dataset.num_classes), **model_sets}
 
     device = resolve_device(device)
@@ -122,7 +124,8 @@ def prepare_run(
     resolved = recipe.model_copy(update={"batch_size": batch_size, "size": size_name})
     run_config = RunConfig(
         model=model, size=size_name, model_settings=config.model_dump(mode="json"), preset=preset,
-        training=TrainingRecipe.model_validate(resolved.model_dump()), data=data_spec, device=device,
+        training=TrainingRecipe.model_validate(resolved.model_dump()), data=data_spec, data_seed=data_seed,
+        device=device,
         precision=precision, fit=fit_info, notes=notes,
     )
     return PreparedRun(run_config, dataset)

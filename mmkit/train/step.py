@@ -52,6 +52,9 @@ def compute_loss(
 ) -> torch.Tensor:
     """Cross-entropy on the class logits, plus the symmetric CLIP contrastive loss when the model
     returns `contrastive_logits` [B, B] and `contrastive_weight` > 0."""
+    streams = getattr(output, "stream_logits", None)
+    if streams is not None:  # independently trained models: each its own loss
+        return sum(F.cross_entropy(s.float(), labels, label_smoothing=label_smoothing) for s in streams)
     logits = logits_of(output)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     contrastive = getattr(output, "contrastive_logits", None)
@@ -98,7 +101,9 @@ def training_step(
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            groups = model.clip_groups() if hasattr(model, "clip_groups") else None
+            for group in groups or [list(model.parameters())]:
+                torch.nn.utils.clip_grad_norm_(group, grad_clip)
         if scaler is not None:
             scaler.step(optimizer)  # skips the step when gradients overflowed
             scaler.update()

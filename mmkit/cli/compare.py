@@ -1,0 +1,132 @@
+"""`mmkit compare A B`: static (exact), speed (measured) and learning (measured) side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mmkit.cli.common import console, err_console, human_bytes, human_count, print_json, user_errors_exit_2
+from mmkit.errors import MmkitError
+
+Row = tuple[str, str, str, str]  # label, A, B, A/B (a label alone is a section heading)
+
+
+@user_errors_exit_2
+def compare_cli(
+    a: Annotated[str, typer.Argument(help="First model, MODEL or MODEL:SIZE.")],
+    b: Annotated[str, typer.Argument(help="Second model, MODEL or MODEL:SIZE.")],
+    data: Annotated[str | None, typer.Option("--data", help="Data both models are trained on (default: A's).")] = None,
+    size: Annotated[str | None, typer.Option("--size", "-s", help="Size for specs without :SIZE.")] = None,
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Training recipe for the learning block.")] = "quick",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch (default: the preset's).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=0, help="Epochs per run; 0 = static block only.")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds per model.")] = 3,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or bf16 (default: the preset's).")] = None,
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU preset for the simulated memory (default: the local device).")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (speed and learning).")] = "auto",
+    separate_mode: Annotated[str, typer.Option("--separate-mode", help="How `separate` trains: joint or independent.")] = "joint",
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the table as Markdown to FILE.")] = None,
+) -> None:
+    """Compare two models on the same data: exact counts, simulated memory, measured speed and learning."""
+    from mmkit.plan.hardware import resolve_gpu
+    from mmkit.train.compare import compare
+
+    if separate_mode not in ("joint", "independent"):
+        raise MmkitError(f"--separate-mode must be 'joint' or 'independent', got {separate_mode!r}")
+    if precision is not None and precision not in ("fp32", "fp16", "bf16"):
+        raise MmkitError(f"unknown precision {precision!r}; valid: bf16, fp16, fp32")
+    gpu_preset, _ = resolve_gpu(gpu)
+    with err_console.status("comparing") as status:
+        result = compare(
+            a, b, data=data, size=size, preset=preset, batch_size=batch_size, epochs=epochs, seeds=seeds,
+            precision=precision, gpu=gpu_preset, device=device, separate_mode=separate_mode,
+            progress=lambda text: status.update(text),
+        )
+    rows = table_rows(result)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(to_markdown(result, rows))
+    if json_output:
+        print_json(result)
+    else:
+        table = Table(title=f"mmkit compare {result['settings']['a']} {result['settings']['b']}", title_justify="left")
+        for column, justify in (("", "left"), (result["settings"]["a"], "right"), (result["settings"]["b"], "right"), ("A/B", "right")):
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for label, va, vb, ratio in rows:
+            if not va and not vb:
+                table.add_section()
+                table.add_row(f"[bold]{escape(label)}[/bold]", "", "", "")
+            else:
+                table.add_row(escape(label), escape(va), escape(vb), ratio)
+        console.print(table)
+        if "verdict" in result:
+            console.print(f"[bold]verdict:[/bold] {escape(result['verdict'])}")
+        if markdown is not None:
+            console.print(f"wrote {markdown}")
+
+
+def _ratio(x: float, y: float) -> str:
+    return f"{x / y:.3f}" if y else "-"
+
+
+def table_rows(result: dict[str, Any]) -> list[Row]:
+    s, a, b = result["settings"], result["a"], result["b"]
+    sa, sb = a["static"], b["static"]
+    rows: list[Row] = [
+        ("static (exact)", "", "", ""),
+        ("size", sa["size"], sb["size"], ""),
+        ("parameters", f"{sa['params']:,}", f"{sb['params']:,}", _ratio(sa["params"], sb["params"])),
+        ("MACs / sample, forward", f"{sa['macs_per_sample']:,}", f"{sb['macs_per_sample']:,}",
+         _ratio(sa["macs_per_sample"], sb["macs_per_sample"])),
+        ("FLOPs / sample, forward + backward", human_count(sa["train_flops_per_sample"]),
+         human_count(sb["train_flops_per_sample"]), _ratio(sa["train_flops_per_sample"], sb["train_flops_per_sample"])),
+        ("weights, fp32", human_bytes(sa["weights_bytes"]["fp32"]), human_bytes(sb["weights_bytes"]["fp32"]),
+         _ratio(sa["weights_bytes"]["fp32"], sb["weights_bytes"]["fp32"])),
+        (f"memory (simulated, batch {s['batch_size']}, {s['precision']}, {s['gpu']})", "", "", ""),
+    ]
+    for key, label in (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
+                       ("activations", "activations"), ("other", "other (batch, temporaries)"),
+                       ("peak_tensors", "training peak tensors")):
+        va, vb = sa["train_memory"][key], sb["train_memory"][key]
+        rows.append((label, f"{va:,} B", f"{vb:,} B", _ratio(va, vb)))
+    rows.append(("inference peak tensors", f"{sa['inference_peak_tensors']:,} B", f"{sb['inference_peak_tensors']:,} B",
+                 _ratio(sa["inference_peak_tensors"], sb["inference_peak_tensors"])))
+    if "speed" in a:
+        rows.append((f"speed (measured on {s['device']}; median [p25–p75] of interleaved rounds)", "", "", ""))
+        ta, tb = a["speed"]["train_step_seconds"], b["speed"]["train_step_seconds"]
+        fmt_t = lambda q: f"{q['median'] * 1000:.2f} ms [{q['p25'] * 1000:.2f}–{q['p75'] * 1000:.2f}]"  # noqa: E731
+        rows.append((f"training step, batch {s['batch_size']}", fmt_t(ta), fmt_t(tb), _ratio(ta["median"], tb["median"])))
+        ia, ib = a["speed"]["inference_samples_per_s"], b["speed"]["inference_samples_per_s"]
+        fmt_i = lambda q: f"{q['median']:,.0f}/s [{q['p25']:,.0f}–{q['p75']:,.0f}]"  # noqa: E731
+        rows.append(("inference throughput", fmt_i(ia), fmt_i(ib), _ratio(ia["median"], ib["median"])))
+        pa, pb = a["speed"]["measured_peak_tensors"], b["speed"]["measured_peak_tensors"]
+        rows.append(("measured peak tensors, real step", f"{pa:,} B", f"{pb:,} B", _ratio(pa, pb)))
+    if "learning" in a:
+        la, lb = a["learning"], b["learning"]
+        rows.append((f"learning (measured; {s['seeds']} seeds × {s['epochs']} epochs, preset {s['preset']}, {s['data']})",
+                     "", "", ""))
+        for metric in ("accuracy", "uar"):
+            ma, mb = la[metric], lb[metric]
+            rows.append((f"test {metric}, mean ± std", f"{ma['mean']:.4f} ± {ma['std']:.4f}",
+                         f"{mb['mean']:.4f} ± {mb['std']:.4f}", _ratio(ma["mean"], mb["mean"])))
+        rows.append(("test accuracy per seed", " ".join(f"{v:.3f}" for v in la["accuracy"]["values"]),
+                     " ".join(f"{v:.3f}" for v in lb["accuracy"]["values"]), ""))
+    return rows
+
+
+def to_markdown(result: dict[str, Any], rows: list[Row]) -> str:
+    s = result["settings"]
+    lines = [f"| | {s['a']} | {s['b']} | A/B |", "|---|---:|---:|---:|"]
+    for label, va, vb, ratio in rows:
+        if not va and not vb:
+            lines.append(f"| **{label}** | | | |")
+        else:
+            lines.append(f"| {label} | {va} | {vb} | {ratio} |")
+    if "verdict" in result:
+        lines += ["", f"Verdict: {result['verdict']}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,285 @@
+"""`compare A B`: one honest side-by-side of two models on the same data.
+
+Three blocks:
+1. static (exact and simulated): parameters, MACs, FLOPs, weight bytes; training and inference
+   memory by category from the memory planner, at the same batch and precision;
+2. speed (measured): training steps and inference forwards timed A, B, A, B, … after warm-up,
+   medians with their interquartile range and the ratio A/B; the real step's peak memory;
+3. learning (measured): each trained with the same data, recipe and seeds; test accuracy (UAR and
+   WAR too) per seed, mean ± std, and a verdict that says when a difference is within the spread.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmkit.data.datasets import Dataset, iterate_batches, load_dataset
+from mmkit.errors import MmkitError
+from mmkit.models.registry import (
+    apply_overrides,
+    build_model,
+    data_overrides,
+    get_model_entry,
+    logits_of,
+    size_config,
+)
+from mmkit.plan.count import count_model
+from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_steps
+from mmkit.settings import GpuPreset, resolve_training
+from mmkit.train.loop import train_run
+from mmkit.train.prepare import device_precision, prepare_run, resolve_device
+from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
+
+WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
+TIMED_ROUNDS = 15  # rounds of A, B each; medians over these
+INFERENCE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    size: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.size}" if self.size else self.name
+
+
+def parse_spec(text: str, default_size: str | None) -> ModelSpec:
+    """`lfm2:original` → (lfm2, original); `multichannel` → (multichannel, --size or default)."""
+    name, _, size = text.partition(":")
+    get_model_entry(name)  # clear error for an unknown model
+    return ModelSpec(name, size or default_size)
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "n": len(ordered)}
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def static_block(spec: ModelSpec, overrides: dict[str, Any], batch_size: int, precision: str,
+                 gpu: GpuPreset) -> dict[str, Any]:
+    entry = get_model_entry(spec.name)
+    count = count_model(spec.name, spec.size, overrides)
+    _, config = size_config(entry, spec.size)
+    config = apply_overrides(config, overrides)
+    step = StepSettings(batch_size=batch_size, precision=precision, gpu_target=gpu.device_type == "cuda")
+    rig = FakeTrainingRig(entry, config, step)
+    train = rig.training_step(batch_size)
+    inference = rig.inference(batch_size)
+    return {
+        "size": count.size,
+        "params": count.total_params,
+        "macs_per_sample": count.per_sample.forward_macs,
+        "flops_per_sample": count.per_sample.forward_flops,
+        "train_flops_per_sample": count.per_sample.train_flops,
+        "weights_bytes": count.weights_bytes,
+        "train_memory": train.as_dict(),
+        "inference_peak_tensors": inference,
+        "memory_method": f"simulated at batch {batch_size}, {precision}, for {gpu.name}",
+    }
+
+
+def _timed(device: torch.device, fn: Callable[[], None]) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, batch_size: int,
+                precision: str, device: torch.device, seed: int) -> list[dict[str, Any]]:
+    """Interleaved timing: A, B, A, B, … so that drifts of the machine hit both alike."""
+    train_idx = dataset.indices("train")
+    inputs, labels = next(iterate_batches(dataset, train_idx[:batch_size], batch_size, shuffle=False))
+    inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+    eval_idx = dataset.indices("test")[:INFERENCE_BATCH]
+    eval_inputs, _ = next(iterate_batches(dataset, eval_idx, len(eval_idx), shuffle=False))
+    eval_inputs = {k: v.to(device) for k, v in eval_inputs.items()}
+
+    rigs = []
+    for spec, config in zip(specs, configs, strict=True):
+        torch.manual_seed(seed)
+        model = build_model(get_model_entry(spec.name), config).to(device).train()
+        optimizer = build_optimizer(model, "adamw", 1e-3, 0.01)
+        scaler = build_grad_scaler(precision, device.type)
+        rigs.append((model, optimizer, scaler))
+
+    def train_step(i: int) -> Callable[[], None]:
+        model, optimizer, scaler = rigs[i]
+        return lambda: training_step(model, optimizer, inputs, labels, precision=precision, scaler=scaler,
+                                     grad_clip=1.0)
+
+    def infer(i: int) -> Callable[[], None]:
+        model = rigs[i][0]
+
+        def run() -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES.get(precision),
+                                                 enabled=precision in AMP_DTYPES):
+                logits_of(model.eval()(**eval_inputs))
+            model.train()
+
+        return run
+
+    for i in range(len(rigs)):
+        for _ in range(WARMUP_STEPS):
+            train_step(i)()
+            infer(i)()
+    step_times: list[list[float]] = [[] for _ in rigs]
+    infer_times: list[list[float]] = [[] for _ in rigs]
+    for _ in range(TIMED_ROUNDS):
+        for i in range(len(rigs)):
+            step_times[i].append(_timed(device, train_step(i)))
+        for i in range(len(rigs)):
+            infer_times[i].append(_timed(device, infer(i)))
+
+    blocks = []
+    for i, (spec, config) in enumerate(zip(specs, configs, strict=True)):
+        peak = measure_training_steps(
+            get_model_entry(spec.name), config,
+            StepSettings(batch_size=batch_size, precision=precision), device=str(device), steps=1,
+        )
+        throughput = [len(eval_idx) / t for t in infer_times[i]]
+        blocks.append({
+            "train_step_seconds": _quartiles(step_times[i]),
+            "inference_samples_per_s": _quartiles(throughput),
+            "measured_peak_tensors": peak.peak_tensors,
+            "peak_method": peak.method,
+        })
+    return blocks
+
+
+def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, data: str, data_seed: int,
+                   seeds: list[int], epochs: int | None, batch_size: int | None, device: str,
+                   dataset: Dataset, progress: Callable[[str], None]) -> dict[str, Any]:
+    runs = []
+    for seed in seeds:
+        progress(f"training {spec.label}, seed {seed}")
+        prepared = prepare_run(
+            spec.name, preset=preset, data=data, data_seed=data_seed, device=device,
+            flags={"epochs": epochs, "batch_size": batch_size, "size": spec.size, "seed": seed},
+            set_options={f"model.{k}": v for k, v in model_sets.items()},
+        )
+        with tempfile.TemporaryDirectory(prefix="mmkit-compare-") as tmp:
+            outcome = train_run(Path(tmp) / "run", prepared.config, dataset=dataset)
+        test = outcome.test
+        runs.append({"seed": seed, "accuracy": test.accuracy, "uar": test.uar, "war": test.war,
+                     "macro_f1": test.macro_f1})
+    return {
+        "runs": runs,
+        **{metric: _mean_std([r[metric] for r in runs]) for metric in ("accuracy", "uar", "war")},
+    }
+
+
+def verdict(label_a: str, label_b: str, a: dict[str, Any], b: dict[str, Any], metric: str) -> str:
+    """Plain language: is the difference of means larger than its seed-to-seed uncertainty?"""
+    ma, mb = a[metric]["mean"], b[metric]["mean"]
+    k = max(len(a[metric]["values"]), 1)
+    spread = math.sqrt((a[metric]["std"] ** 2 + b[metric]["std"] ** 2) / k)  # std. error of the difference
+    diff = ma - mb
+    if len(a[metric]["values"]) < 2:
+        return (f"{label_a} {ma:.3f} vs {label_b} {mb:.3f} {metric}: one seed only, so the seed-to-seed "
+                "spread is unknown; run with --seeds 3 or more before drawing a conclusion")
+    if abs(diff) <= 2 * spread:
+        return (f"{label_a} {ma:.3f} vs {label_b} {mb:.3f} test {metric}: the difference ({diff:+.3f}) is within "
+                f"the seed-to-seed spread (2 × {spread:.3f}); no evidence that either learns better here")
+    better = label_a if diff > 0 else label_b
+    return (f"{better} is better by {abs(diff):.3f} test {metric} ({ma:.3f} vs {mb:.3f}), more than twice the "
+            f"seed-to-seed spread ({spread:.3f}) over {k} seeds")
+
+
+def compare(
+    a: str, b: str, *, data: str | None = None, size: str | None = None, preset: str = "quick",
+    batch_size: int | None = None, epochs: int | None = None, seeds: int = 3, precision: str | None = None,
+    gpu: GpuPreset, device: str = "auto", separate_mode: str = "joint", data_seed: int = 0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    specs = [parse_spec(a, size), parse_spec(b, size)]
+    entries = [get_model_entry(s.name) for s in specs]
+    data_spec = data or entries[0].default_data
+    recipe = resolve_training(preset, {"epochs": epochs or None, "batch_size": batch_size, "precision": precision})
+    batch = int(recipe.batch_size) if recipe.batch_size != "auto" else 32
+    device = resolve_device(device)
+    run_precision, _ = device_precision(recipe.precision, device)
+
+    progress(f"loading {data_spec}")
+    dataset = load_dataset(data_spec, seed=data_seed)
+    model_sets, overrides, configs = [], [], []
+    for spec, entry in zip(specs, entries, strict=True):
+        try:
+            o = data_overrides(entry, dataset.input_shapes(), dataset.num_classes)
+        except MmkitError as exc:
+            raise MmkitError(f"cannot compare {specs[0].label} and {specs[1].label} on {data_spec}: {exc}") from None
+        sets = {"mode": separate_mode} if spec.name == "separate" else {}
+        model_sets.append(sets)
+        overrides.append({**o, **sets})
+        _, config = size_config(entry, spec.size)
+        configs.append(apply_overrides(config, {**o, **sets}))
+
+    progress("static: counting and simulating")
+    static = [static_block(s, o, batch, run_precision, gpu) for s, o in zip(specs, overrides, strict=True)]
+    result: dict[str, Any] = {
+        "settings": {
+            "a": specs[0].label, "b": specs[1].label, "data": data_spec, "data_seed": data_seed,
+            "preset": preset, "batch_size": batch, "epochs": recipe.epochs if recipe.epochs else 0,
+            "seeds": seeds, "precision": run_precision, "device": device, "gpu": gpu.name,
+            "separate_mode": separate_mode if "separate" in (specs[0].name, specs[1].name) else None,
+            "torch": torch.__version__,
+        },
+        "a": {"model": specs[0].name, "static": static[0]},
+        "b": {"model": specs[1].name, "static": static[1]},
+        "ratios": {
+            "params": static[0]["params"] / static[1]["params"],
+            "macs_per_sample": static[0]["macs_per_sample"] / static[1]["macs_per_sample"],
+            "train_peak_tensors": static[0]["train_memory"]["peak_tensors"]
+            / static[1]["train_memory"]["peak_tensors"],
+        },
+    }
+    if epochs == 0:
+        result["settings"]["epochs"] = 0
+        return result  # static only
+
+    progress("speed: interleaved timing")
+    speed = speed_block(specs, configs, dataset, batch, run_precision, torch.device(device), recipe.seed)
+    result["a"]["speed"], result["b"]["speed"] = speed
+    result["ratios"]["train_step_time"] = (
+        speed[0]["train_step_seconds"]["median"] / speed[1]["train_step_seconds"]["median"]
+    )
+    result["ratios"]["inference_throughput"] = (
+        speed[0]["inference_samples_per_s"]["median"] / speed[1]["inference_samples_per_s"]["median"]
+    )
+
+    seed_list = list(range(seeds))
+    for key, spec, sets in zip(("a", "b"), specs, model_sets, strict=True):
+        result[key]["learning"] = learning_block(
+            spec, sets, preset=preset, data=data_spec, data_seed=data_seed, seeds=seed_list,
+            epochs=epochs, batch_size=batch_size, device=device, dataset=dataset, progress=progress,
+        )
+    # imbalanced test classes (emotion data): judge by UAR, which weighs every class alike
+    counts = torch.bincount(dataset.labels[dataset.indices("test")], minlength=dataset.num_classes)
+    metric = "uar" if counts.max() != counts.min() else "accuracy"
+    result["verdict_metric"] = metric
+    result["verdict"] = verdict(specs[0].label, specs[1].label, result["a"]["learning"],
+                                result["b"]["learning"], metric)
+    return result

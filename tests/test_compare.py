@@ -1,0 +1,103 @@
+"""`mmkit compare`: the measured side-by-side, its determinism, and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmkit.cli.app import app
+from mmkit.models import create_model
+from mmkit.train.step import compute_loss
+
+runner = CliRunner()
+
+
+def compare_json(*args: str) -> dict:
+    result = runner.invoke(app, ["compare", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def defaults(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    markdown = tmp_path_factory.mktemp("cmp") / "table.md"
+    return compare_json("multichannel", "separate", "--markdown", markdown), markdown
+
+
+def test_defaults_have_every_block(defaults: tuple[dict, Path]) -> None:
+    doc, _ = defaults
+    a, b = doc["a"], doc["b"]
+    assert (a["static"]["params"], b["static"]["params"]) == (2_365_962, 2_365_972)
+    assert a["static"]["macs_per_sample"] == b["static"]["macs_per_sample"] == 2_364_416
+    for side in (a, b):
+        assert side["static"]["train_memory"]["peak_tensors"] > 0
+        step = side["speed"]["train_step_seconds"]
+        assert step["p25"] <= step["median"] <= step["p75"] and step["n"] >= 10
+        assert side["speed"]["measured_peak_tensors"] > 0
+        runs = side["learning"]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1, 2]
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
+    ratio = doc["ratios"]["train_step_time"]
+    assert ratio == pytest.approx(a["speed"]["train_step_seconds"]["median"] / b["speed"]["train_step_seconds"]["median"])
+    assert "verdict" in doc and doc["verdict_metric"] == "accuracy"
+    # same parameters, same Adam state: the simulated peaks agree within 1 %
+    pa, pb = a["static"]["train_memory"]["peak_tensors"], b["static"]["train_memory"]["peak_tensors"]
+    assert abs(pa - pb) <= 0.01 * pa
+    # the real step's peak equals the simulated one on the CPU
+    assert a["speed"]["measured_peak_tensors"] == pa
+
+
+def test_markdown_is_the_same_table(defaults: tuple[dict, Path]) -> None:
+    doc, markdown = defaults
+    text = markdown.read_text()
+    assert text.startswith("| | multichannel | separate | A/B |")
+    assert "| parameters | 2,365,962 | 2,365,972 | 1.000 |" in text
+    assert "Verdict: " in text
+    accuracy = doc["a"]["learning"]["accuracy"]
+    assert f"{accuracy['mean']:.4f} ± {accuracy['std']:.4f}" in text
+
+
+def test_static_and_learning_numbers_repeat_exactly() -> None:
+    args = ("multichannel", "separate", "--seeds", "2", "--epochs", "1")
+    first, second = compare_json(*args), compare_json(*args)
+    for side in ("a", "b"):
+        assert first[side]["static"] == second[side]["static"]
+        assert first[side]["learning"] == second[side]["learning"]
+
+
+def test_static_only_for_two_sizes_of_one_family() -> None:
+    doc = compare_json("lfm2:original", "lfm2:rtx3050", "--epochs", "0")
+    assert doc["a"]["static"]["size"] == "original" and doc["b"]["static"]["size"] == "rtx3050"
+    assert doc["a"]["static"]["params"] > 25 * doc["b"]["static"]["params"]
+    assert "speed" not in doc["a"] and "learning" not in doc["a"]
+
+
+def test_incompatible_inputs_are_one_line() -> None:
+    result = runner.invoke(app, ["compare", "multichannel", "lfm2"])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "cannot compare multichannel and lfm2" in line and "audio" in line
+
+
+def test_independent_separate_models_train_on_their_own_losses() -> None:
+    torch.manual_seed(0)
+    model = create_model("separate", mode="independent", hidden=[16, 8])
+    inputs, labels = model.example_inputs(4, seed=0), torch.tensor([0, 1, 2, 3])
+    output = model.train()(**inputs)
+    color, brightness = output.stream_logits
+    expected = torch.nn.functional.cross_entropy(color, labels) + torch.nn.functional.cross_entropy(brightness, labels)
+    assert torch.allclose(compute_loss(output, labels), expected)
+    assert torch.equal(output.logits, color + brightness)
+    assert torch.equal(model.eval()(**inputs), color + brightness)  # evaluation combines them
+    assert len(model.clip_groups()) == 2
+
+
+def test_independent_mode_runs_end_to_end() -> None:
+    doc = compare_json("multichannel", "separate", "--separate-mode", "independent", "--seeds", "1", "--epochs", "1")
+    assert doc["settings"]["separate_mode"] == "independent"
+    assert "one seed only" in doc["verdict"]
