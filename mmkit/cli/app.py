@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Annotated
 
 import typer
-
-# torch warns at import when NumPy is absent; mmkit never hands tensors to NumPy, so the
-# warning would only be noise on every command of a minimal install
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 from mmkit import __version__
 from mmkit.cli import compare, count, eval, memory_plan, train
