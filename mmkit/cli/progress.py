@@ -75,7 +75,7 @@ class RichReporter:
         )
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, soft_wrap=True, highlight=False, markup=False)
 
     def end(self, test: ClassificationMetrics | None) -> None:
         self.progress.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -64,8 +66,10 @@ def train_cli(
                "train_fraction": train_fraction},
         set_options=parse_set_options(set_),
     )
-    outcome = train_run(run_dir, prepared.config, stop_after_epochs=stop_after_epochs,
-                        reporter=RichReporter(), dataset=prepared.dataset)
+    reporter = RichReporter()
+    with _interruptions(run_dir, reporter):
+        outcome = train_run(run_dir, prepared.config, stop_after_epochs=stop_after_epochs,
+                            reporter=reporter, dataset=prepared.dataset)
     _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 
 
@@ -87,12 +91,28 @@ def resume_cli(
         if epochs < config.training.epochs:
             raise MmkitError(f"--epochs {epochs} is below the run's {config.training.epochs} epochs")
         config = config.model_copy(update={"training": config.training.model_copy(update={"epochs": epochs})})
-    outcome = train_run(run, config, resume=True, stop_after_epochs=stop_after_epochs, reporter=RichReporter())
+    reporter = RichReporter()
+    with _interruptions(run, reporter):
+        outcome = train_run(run, config, resume=True, stop_after_epochs=stop_after_epochs, reporter=reporter)
     _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
+
+
+@contextlib.contextmanager
+def _interruptions(run_dir: Path, reporter: object) -> Iterator[None]:
+    """SIGINT/SIGTERM: the loop has checkpointed; say how to continue and exit 130 / 143."""
+    from mmkit.train.loop import TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted as stop:
+        reporter.progress.stop()  # type: ignore[attr-defined]
+        console.print(f"{stop}; checkpoint {stop.checkpoint.name} written. "
+                      f"Continue with: mmkit resume {run_dir}", soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
 
 
 def _finish_message(run_dir: Path, finished: bool, epochs_done: int) -> None:
     if finished:
-        console.print(f"run saved in {run_dir} — evaluate with `mmkit eval {run_dir}`")
+        console.print(f"run saved in {run_dir} — evaluate with `mmkit eval {run_dir}`", soft_wrap=True)
     else:
-        console.print(f"stopped after epoch {epochs_done}; continue with `mmkit resume {run_dir}`")
+        console.print(f"stopped after epoch {epochs_done}; continue with `mmkit resume {run_dir}`", soft_wrap=True)

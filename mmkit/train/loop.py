@@ -9,10 +9,14 @@ them, so the continued run is bitwise identical on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import random
+import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,10 +27,13 @@ from mmkit.data.datasets import Dataset, iterate_batches, load_dataset, num_batc
 from mmkit.errors import MmkitError
 from mmkit.models.registry import MultimodalModel, build_model, logits_of
 from mmkit.train.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
     load_checkpoint,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     read_pointer,
+    read_pointer_record,
     resolve_checkpoint,
     restore_rng_state,
     rng_state_to_tensors,
@@ -41,6 +48,41 @@ from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, tra
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 DATA_GENERATOR_KEY = "rng.data_order"
+EPOCH_ORDER_KEY = "rng.epoch_order"  # data-order state at the start of an interrupted epoch
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived: the step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} in epoch {epoch} after step {step}")
+        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class Reporter(Protocol):
@@ -137,8 +179,21 @@ def train_run(
     reporter: Reporter | None = None,
     dataset: Dataset | None = None,
 ) -> TrainOutcome:
-    """Train (or continue) the run in `run_dir` as `config` says; returns when done or stopped."""
-    reporter = reporter or SilentReporter()
+    """Train (or continue) the run in `run_dir` as `config` says; returns when done or stopped.
+
+    SIGINT and SIGTERM are caught for the whole run: during training the current step finishes,
+    a checkpoint is written and `TrainingInterrupted` is raised; after the last step the run
+    simply completes.
+    """
+    stop = _StopRequest()
+    with stop.installed():
+        return _train(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(), dataset, stop)
+
+
+def _train(
+    run_dir: Path, config: RunConfig, resume: bool, stop_after_epochs: int | None, reporter: Reporter,
+    dataset: Dataset | None, stop: _StopRequest,
+) -> TrainOutcome:
     recipe = config.training
     device = torch.device(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,9 +220,9 @@ def train_run(
 
     # ---- resume: put every counter, state and random stream back where the checkpoint left them
     resumed_from = None
+    resume_batches, resume_partial = 0, (torch.zeros(()), 0)
     if resume:
-        checkpoint_dir = resolve_checkpoint(run_dir, "last")
-        model_state, tensors, trainer = load_checkpoint(checkpoint_dir)
+        checkpoint_dir, (model_state, tensors, trainer) = load_latest_intact(run_dir, reporter)
         if trainer.get("model") != config.model:
             raise MmkitError(
                 f"checkpoint {checkpoint_dir} belongs to model {trainer.get('model')!r}, "
@@ -180,6 +235,10 @@ def train_run(
         restore_rng_state(tensors)
         data_order.set_state(tensors[DATA_GENERATOR_KEY])
         start_epoch, global_step = trainer["epoch"], trainer["global_step"]
+        resume_batches = trainer.get("batches_in_epoch", 0)
+        if resume_batches:  # a mid-epoch checkpoint (after a signal): replay the epoch's data order
+            data_order.set_state(tensors[EPOCH_ORDER_KEY])
+            resume_partial = (tensors["progress.epoch_loss_sum"], trainer["epoch_samples_seen"])
         best_uar, best_epoch = trainer["best_uar"], trainer["best_epoch"]
         history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
         _write_history(run_dir, history)  # drop epochs the interrupted run logged after its checkpoint
@@ -192,15 +251,23 @@ def train_run(
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     for epoch in range(start_epoch, last_epoch):
         reporter.epoch_start(epoch + 1, recipe.epochs, steps_per_epoch)
+        epoch_order = data_order.get_state()  # the order of this epoch is drawn from here
         epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
-        for inputs, labels in iterate_batches(dataset, train_idx, batch_size, shuffle=True, generator=data_order):
+        batches = iterate_batches(dataset, train_idx, batch_size, shuffle=True, generator=data_order)
+        if resume_batches:  # skip what the interrupted run already trained on in this epoch
+            batches = itertools.islice(batches, resume_batches, None)
+            loss_sum, seen = resume_partial[0].clone(), resume_partial[1]
+        batches_done = resume_batches
+        resume_batches = 0
+        for inputs, labels in batches:
             lr = learning_rate(
                 global_step, base_lr=recipe.lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                schedule=recipe.schedule, steps_per_epoch=steps_per_epoch, restart_epochs=recipe.restart_epochs,
+                schedule=recipe.schedule, steps_per_epoch=steps_per_epoch,
+                restart_epochs=recipe.restart_epochs,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # gradient accumulation: the batch is what one optimizer step sees, split in micro-batches
+            # gradient accumulation: the batch is what one optimizer step sees, in micro-batches
             n = labels.shape[0]
             bounds = [round(i * n / micro_batches) for i in range(micro_batches + 1)]
             step_loss = torch.zeros(())
@@ -216,15 +283,35 @@ def train_run(
                     loss_scale=(hi - lo) / n, step_optimizer=i == micro_batches - 1 or hi == n,
                 )
                 step_loss += loss.float().cpu() * (hi - lo) / n
-            if not torch.isfinite(step_loss):
+            if not torch.isfinite(step_loss) and scaler is None:
+                # (with fp16 the GradScaler has already skipped this step and lowered its scale)
                 raise MmkitError(
                     f"loss is {step_loss.item()} at epoch {epoch + 1}, step {global_step + 1}; "
                     f"the last checkpoint is intact (lower lr={recipe.lr} or use fp32)"
                 )
             global_step += 1
+            batches_done += 1
             seen += n
             loss_sum += step_loss * n
             reporter.step(step_loss.item(), lr, seen / max(time.perf_counter() - epoch_start, 1e-9))
+            if stop.signal is not None:  # finish the step, checkpoint where we are, stop
+                tensors, optimizer_meta = _checkpoint_tensors(optimizer, data_order)
+                tensors[EPOCH_ORDER_KEY] = epoch_order
+                tensors["progress.epoch_loss_sum"] = loss_sum.clone()
+                trainer_state = {
+                    "model": config.model, "size": config.size, "epoch": epoch,
+                    "batches_in_epoch": batches_done, "epoch_samples_seen": seen,
+                    "global_step": global_step, "best_uar": best_uar, "best_epoch": best_epoch,
+                    "optimizer": optimizer_meta,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                }
+                best_name = _pointer_name(run_dir, "best")
+                path = save_checkpoint(
+                    run_dir, global_step, model.state_dict(), tensors, trainer_state,
+                    keep_last=recipe.keep_last, protect={best_name} if best_name else set(),
+                )
+                write_pointer(run_dir, "last", path, {"epoch": epoch, "step": global_step})
+                raise TrainingInterrupted(stop.signal, path, epoch + 1, global_step)
 
         # ---- end of epoch: validate, log, checkpoint
         epoch_time = time.perf_counter() - epoch_start
@@ -269,6 +356,27 @@ def train_run(
         test = final_test(run_dir, config, model, dataset, device)
     reporter.end(test)
     return TrainOutcome(run_dir, last_epoch, finished, test)
+
+
+def load_latest_intact(run_dir: Path, reporter: Reporter) -> tuple[Path, tuple[Any, Any, dict[str, Any]]]:
+    """The checkpoint `last` points to, or, when it is damaged, the newest intact one before it
+    (with a warning naming the damaged one)."""
+    first = resolve_checkpoint(run_dir, "last")  # falls back when the pointer or its target is gone
+    try:
+        pointed = read_pointer_record(run_dir, "last")["path"]
+    except CheckpointError as exc:
+        reporter.message(f"warning: {exc}; resuming from {first.name}")
+    else:
+        if pointed != first.name:
+            reporter.message(f"warning: checkpoint {pointed} is damaged (missing, or no manifest.json); "
+                             f"resuming from {first.name}")
+    candidates = [first] + [p for p in reversed(list_checkpoints(run_dir)) if p != first and p.name < first.name]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            reporter.message(f"warning: checkpoint {path.name} is damaged ({exc}); trying an earlier one")
+    raise MmkitError(f"no intact checkpoint in {run_dir / 'checkpoints'}; tried {', '.join(p.name for p in candidates)}")
 
 
 def _pointer_name(run_dir: Path, name: str) -> str | None:
