@@ -113,3 +113,16 @@ def test_unknown_gpu_lists_the_presets() -> None:
     result = runner.invoke(app, ["memory-plan", "--gpu", "nosuch"])
     assert result.exit_code == 2
     assert "rtx3050" in result.stderr and "h100-80gb" in result.stderr and "cpu" in result.stderr
+
+
+def test_data_gives_the_input_shapes_train_uses() -> None:
+    default = plan("lfm2", "--gpu", "rtx3050", "--size", "rtx3050", "--batch-size", "4")
+    with_data = plan("lfm2", "--gpu", "rtx3050", "--size", "rtx3050", "--batch-size", "4", "--data", "synthetic-av")
+    # synthetic-av clips are shorter and smaller than lfm2's default inputs: fewer activations
+    assert with_data["train"]["activations"] < default["train"]["activations"]
+    assert with_data["time"]["train_samples"] == 960  # half-data's 50 % of 1920
+
+
+def test_data_that_does_not_fit_the_model_is_one_line() -> None:
+    result = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "rtx3050", "--data", "synthetic-av"])
+    assert result.exit_code == 2 and "expects inputs color, brightness" in result.stderr

@@ -60,6 +60,7 @@ def memory_plan_cli(
     margin: Annotated[float | None, typer.Option("--margin", min=0.0, max=0.99, help="Fraction of VRAM kept free (default: the GPU preset's).")] = None,
     prefer: Annotated[str, typer.Option("--prefer", help="When both are auto: 'width' (default) or 'batch'.")] = "width",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a model setting: key=value (repeatable).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Take input shapes and classes from this data (as `train` does).")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on the local device and compare.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
@@ -95,12 +96,21 @@ def memory_plan_cli(
     for note in notes:
         err_console.print(f"[yellow]note:[/yellow] {note}")
 
+    overrides = parse_set_options(set_, strip_prefix="model.")
+    if data is not None:
+        from mmkit.data.datasets import load_dataset
+        from mmkit.models.registry import data_overrides, get_model_entry
+
+        dataset = load_dataset(data, seed=0)
+        overrides = {**data_overrides(get_model_entry(model), dataset.input_shapes(), dataset.num_classes),
+                     **overrides}
     plan = plan_memory(
         model,
         gpu_preset,
+        data=data,
         size=recipe.size,
         batch_size=recipe.batch_size,
-        overrides=parse_set_options(set_, strip_prefix="model."),
+        overrides=overrides,
         precision=chosen_precision,
         optimizer=recipe.optimizer,
         gradient_checkpointing=recipe.gradient_checkpointing,

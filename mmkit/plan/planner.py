@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mmkit.data.catalog import dataset_info
+from mmkit.data.catalog import BUILTIN_DATASETS, DatasetInfo, dataset_info
 from mmkit.errors import MmkitError
 from mmkit.plan.count import count_flops
 from mmkit.plan.fit import Candidate, FitResult, fit_to_budget
@@ -154,7 +154,15 @@ def plan_memory(
     with torch.device("meta"):
         meta_model = fit.entry.build(fit.config)
     flops = count_flops(meta_model.train(), 1)
-    info = dataset_info(data or fit.entry.default_data)
+    spec = data or fit.entry.default_data
+    if spec in BUILTIN_DATASETS:
+        info = dataset_info(spec)
+    else:  # a tensor file: count its splits
+        from mmkit.data.datasets import load_dataset
+
+        loaded = load_dataset(spec)
+        info = DatasetInfo(spec, len(loaded.indices("train")), len(loaded.indices("val")),
+                           len(loaded.indices("test")), loaded.classes)
     train_samples = max(1, round(info.train * train_fraction))
     memory = fit.chosen.train
     if memory is not None:
