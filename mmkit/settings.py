@@ -31,7 +31,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from mmkit.errors import MmkitError, unknown_choice
 
 Precision = Literal["fp32", "fp16", "bf16"]
-PRESET_KINDS = ("gpus", "training")
 MIB = 2**20
 GIB = 2**30
 

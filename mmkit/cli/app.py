@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated
 
@@ -48,7 +47,9 @@ def main() -> None:
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - last line of defence for bugs, not user errors
-        if os.environ.get("MMKIT_DEBUG", "").lower() in ("1", "true", "yes"):
+        from mmkit.settings import MmkitSettings
+
+        if MmkitSettings().debug:
             raise
         print(
             f"mmkit: internal error: {type(exc).__name__}: {exc} (set MMKIT_DEBUG=1 for the traceback)",

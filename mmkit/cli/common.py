@@ -50,6 +50,19 @@ def parse_set_options(items: list[str] | None, strip_prefix: str | None = None) 
     return overrides
 
 
+def parse_auto_int(value: str | None, option: str) -> int | str | None:
+    """A positive integer, `auto`, or None (not given), for options such as --batch-size."""
+    if value is None or value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise MmkitError(f"{option} expects a positive integer or 'auto', got {value!r}")
+    return number
+
+
 def print_json(document: Any) -> None:
     """Exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -11,6 +11,7 @@ from mmkit.cli.common import (
     console,
     err_console,
     human_bytes,
+    parse_auto_int,
     parse_set_options,
     print_json,
     user_errors_exit_2,
@@ -22,18 +23,6 @@ if TYPE_CHECKING:
     from mmkit.plan.planner import MemoryPlan
 
 BAR_WIDTH = 30
-
-
-def _parse_auto_int(value: str | None, option: str) -> int | Literal["auto"] | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        raise MmkitError(f"{option} expects a positive integer or 'auto', got {value!r}") from None
-    if number < 1:
-        raise MmkitError(f"{option} expects a positive integer or 'auto', got {value!r}")
-    return number
 
 
 def _pick_precision(requested: str, given_by_user: bool, supported: tuple[str, ...], gpu: str) -> tuple[str, str | None]:
@@ -80,7 +69,7 @@ def memory_plan_cli(
         preset,
         {
             "size": size,
-            "batch_size": _parse_auto_int(batch_size, "--batch-size"),
+            "batch_size": parse_auto_int(batch_size, "--batch-size"),
             "precision": precision,
             "optimizer": optimizer,
             "gradient_checkpointing": grad_checkpointing,

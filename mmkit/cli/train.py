@@ -10,20 +10,8 @@ from typing import Annotated
 
 import typer
 
-from mmkit.cli.common import console, parse_set_options, user_errors_exit_2
+from mmkit.cli.common import console, parse_auto_int, parse_set_options, user_errors_exit_2
 from mmkit.errors import MmkitError
-
-
-def _auto_int(value: str | None, option: str) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise MmkitError(f"{option} expects a positive integer or 'auto', got {value!r}")
-    return number
 
 
 def _default_run_dir(model: str, preset: str) -> Path:
@@ -62,7 +50,7 @@ def train_cli(
         raise MmkitError(f"{run_dir} already holds a run; continue it with `mmkit resume {run_dir}` or pick another --out")
     prepared = prepare_run(
         model, preset=preset, data=data, gpu=gpu, device=device,
-        flags={"epochs": epochs, "batch_size": _auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
+        flags={"epochs": epochs, "batch_size": parse_auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
                "train_fraction": train_fraction},
         set_options=parse_set_options(set_),
     )

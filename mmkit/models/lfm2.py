@@ -71,7 +71,7 @@ from mmkit.models.blocks import (
     run_block,
 )
 from mmkit.errors import MmkitError
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model, require_inputs
+from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
 
 HEAD_DIM_TARGET = 64  # at_width picks heads so that head_dim is about this
 FULL_DEPTH_MIN_WIDTH = 384  # at_width uses the original depths from this width up
@@ -186,7 +186,6 @@ class Lfm2Config(ModelConfig):
 
     @classmethod
     def overrides_for_inputs(cls, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-        require_inputs("lfm2", ("audio", "video"), shapes)
         audio, video = shapes["audio"], shapes["video"]
         if len(audio) != 2:
             raise MmkitError(f"input 'audio' must be [frames, n_mels] per sample, got shape {audio}")

@@ -17,7 +17,7 @@ from pydantic import PositiveInt
 from torch import nn
 
 from mmkit.errors import MmkitError
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model, require_inputs
+from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
 
 
 class StreamConfig(ModelConfig):
@@ -38,7 +38,6 @@ class StreamConfig(ModelConfig):
 
     @classmethod
     def overrides_for_inputs(cls, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-        require_inputs("multichannel/separate", ("color", "brightness"), shapes)
         for name in ("color", "brightness"):
             if len(shapes[name]) != 1:
                 raise MmkitError(f"input {name!r} must be a flat vector per sample, got shape {shapes[name]}")

@@ -44,7 +44,8 @@ class ModelConfig(BaseModel):
     def overrides_for_inputs(cls, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         """Config overrides that make the model accept inputs of these per-sample `shapes`.
 
-        Only the inputs the model uses are read; raise MmkitError when one is missing or unusable.
+        Called through `data_overrides`, which has already checked that every input the model
+        uses is present; raise MmkitError when one is unusable (wrong rank, non-square image).
         """
         raise NotImplementedError
 

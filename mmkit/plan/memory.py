@@ -237,11 +237,6 @@ def simulate_training_step(entry: ModelEntry, config: ModelConfig, step: StepSet
     return FakeTrainingRig(entry, config, step).training_step(step.batch_size)
 
 
-def simulate_inference(entry: ModelEntry, config: ModelConfig, step: StepSettings) -> int:
-    """Peak live tensor bytes of one inference forward at `step.batch_size`, on fake tensors."""
-    return FakeTrainingRig(entry, config, step).inference(step.batch_size)
-
-
 def _step_memory(tracker: LiveStorageTracker) -> StepMemory:
     peak = tracker.peak
     phases = {p: b for p, b in tracker.phase_peaks.items() if p in ("forward", "backward", "optimizer")}
@@ -313,10 +308,6 @@ def measure_training_steps(
             handle.remove()
         peak = max(peak, tracker.peak.peak_bytes)
     return Measurement(device, peak, "live-storage tracker on real tensors", times)
-
-
-def overhead_lines(gpu: GpuPreset, peak_tensor_bytes: int) -> dict[str, int]:
-    return gpu.overhead_bytes(peak_tensor_bytes)
 
 
 def states_lower_bound(params: int, optimizer: str) -> int:

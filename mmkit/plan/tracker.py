@@ -123,9 +123,6 @@ class LiveStorageTracker(TorchDispatchMode):
         self.phase = phase
         self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), self.total)
 
-    def reset_peak(self) -> None:
-        self.peak = PeakSnapshot(self.total, dict(self.current), self.phase)
-
     # -- dispatch -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))

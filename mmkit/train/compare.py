@@ -75,12 +75,11 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     }
 
 
-def static_block(spec: ModelSpec, overrides: dict[str, Any], batch_size: int, precision: str,
+def static_block(spec: ModelSpec, overrides: dict[str, Any], config: Any, batch_size: int, precision: str,
                  gpu: GpuPreset) -> dict[str, Any]:
+    """`config` is the model config with `overrides` applied (what `count_model` rebuilds on meta)."""
     entry = get_model_entry(spec.name)
     count = count_model(spec.name, spec.size, overrides)
-    _, config = size_config(entry, spec.size)
-    config = apply_overrides(config, overrides)
     step = StepSettings(batch_size=batch_size, precision=precision, gpu_target=gpu.device_type == "cuda")
     rig = FakeTrainingRig(entry, config, step)
     train = rig.training_step(batch_size)
@@ -238,7 +237,8 @@ def compare(
         configs.append(apply_overrides(config, {**o, **sets}))
 
     progress("static: counting and simulating")
-    static = [static_block(s, o, batch, run_precision, gpu) for s, o in zip(specs, overrides, strict=True)]
+    static = [static_block(s, o, c, batch, run_precision, gpu)
+              for s, o, c in zip(specs, overrides, configs, strict=True)]
     result: dict[str, Any] = {
         "settings": {
             "a": specs[0].label, "b": specs[1].label, "data": data_spec, "data_seed": data_seed,

@@ -113,24 +113,37 @@ class TrainOutcome:
     test: ClassificationMetrics | None
 
 
+def evaluate_with_loss(
+    model: MultimodalModel, dataset: Dataset, indices: torch.Tensor, *, batch_size: int,
+    precision: str, device: torch.device,
+) -> tuple[ClassificationMetrics, float]:
+    """Metrics and mean cross-entropy on `indices` in one pass (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    predictions = []
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad(), torch.autocast(
+        device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES
+    ):
+        for inputs, labels in iterate_batches(dataset, indices, batch_size, shuffle=False):
+            logits = logits_of(model(**{k: v.to(device) for k, v in inputs.items()}))
+            total += torch.nn.functional.cross_entropy(
+                logits.float(), labels.to(device), reduction="sum"
+            ).double().cpu()
+            n += labels.shape[0]
+            predictions.append(logits.argmax(dim=-1).cpu())
+    model.train(was_training)
+    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    confusion = confusion_matrix(dataset.labels[indices], predicted, dataset.num_classes)
+    return classification_metrics(confusion, dataset.classes), (total / max(n, 1)).item()
+
+
 def evaluate(
     model: MultimodalModel, dataset: Dataset, indices: torch.Tensor, *, batch_size: int,
     precision: str, device: torch.device,
 ) -> ClassificationMetrics:
     """Accuracy, UAR, WAR, macro-F1 and the confusion matrix on `indices` (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
-    predictions = []
-    with torch.no_grad(), torch.autocast(
-        device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES
-    ):
-        for inputs, _ in iterate_batches(dataset, indices, batch_size, shuffle=False):
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            predictions.append(logits_of(model(**inputs)).argmax(dim=-1).cpu())
-    model.train(was_training)
-    labels = dataset.labels[indices]
-    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    return classification_metrics(confusion_matrix(labels, predicted, dataset.num_classes), dataset.classes)
+    return evaluate_with_loss(model, dataset, indices, batch_size=batch_size, precision=precision, device=device)[0]
 
 
 def train_indices(config: RunConfig, dataset: Dataset) -> torch.Tensor:
@@ -156,13 +169,27 @@ def _write_history(run_dir: Path, records: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def _checkpoint_tensors(
-    optimizer: torch.optim.Optimizer, data_order: torch.Generator
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _save_training_checkpoint(
+    run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None, data_order: torch.Generator, global_step: int,
+    state: dict[str, Any], extra_tensors: dict[str, torch.Tensor], protect_best: bool,
+) -> Path:
+    """Model, optimizer, scaler, every RNG and the data order; `last` points to the result."""
     tensors, optimizer_meta = optimizer_state_to_tensors(optimizer.state_dict())
     tensors.update(rng_state_to_tensors())
     tensors[DATA_GENERATOR_KEY] = data_order.get_state()
-    return tensors, optimizer_meta
+    tensors.update(extra_tensors)
+    trainer_state = {
+        "model": config.model, "size": config.size, "global_step": global_step, **state,
+        "optimizer": optimizer_meta, "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    best_name = _pointer_name(run_dir, "best")
+    path = save_checkpoint(
+        run_dir, global_step, model.state_dict(), tensors, trainer_state,
+        keep_last=config.training.keep_last, protect={best_name} if best_name and protect_best else set(),
+    )
+    write_pointer(run_dir, "last", path, {"epoch": state["epoch"], "step": global_step})
+    return path
 
 
 def seed_everything(seed: int) -> None:
@@ -295,29 +322,19 @@ def _train(
             loss_sum += step_loss * n
             reporter.step(step_loss.item(), lr, seen / max(time.perf_counter() - epoch_start, 1e-9))
             if stop.signal is not None:  # finish the step, checkpoint where we are, stop
-                tensors, optimizer_meta = _checkpoint_tensors(optimizer, data_order)
-                tensors[EPOCH_ORDER_KEY] = epoch_order
-                tensors["progress.epoch_loss_sum"] = loss_sum.clone()
-                trainer_state = {
-                    "model": config.model, "size": config.size, "epoch": epoch,
-                    "batches_in_epoch": batches_done, "epoch_samples_seen": seen,
-                    "global_step": global_step, "best_uar": best_uar, "best_epoch": best_epoch,
-                    "optimizer": optimizer_meta,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                }
-                best_name = _pointer_name(run_dir, "best")
-                path = save_checkpoint(
-                    run_dir, global_step, model.state_dict(), tensors, trainer_state,
-                    keep_last=recipe.keep_last, protect={best_name} if best_name else set(),
+                path = _save_training_checkpoint(
+                    run_dir, config, model, optimizer, scaler, data_order, global_step,
+                    {"epoch": epoch, "batches_in_epoch": batches_done, "epoch_samples_seen": seen,
+                     "best_uar": best_uar, "best_epoch": best_epoch},
+                    {EPOCH_ORDER_KEY: epoch_order, "progress.epoch_loss_sum": loss_sum.clone()},
+                    protect_best=True,
                 )
-                write_pointer(run_dir, "last", path, {"epoch": epoch, "step": global_step})
                 raise TrainingInterrupted(stop.signal, path, epoch + 1, global_step)
 
         # ---- end of epoch: validate, log, checkpoint
         epoch_time = time.perf_counter() - epoch_start
-        val = evaluate(model, dataset, val_idx, batch_size=recipe.eval_batch_size,
-                       precision=config.precision, device=device)
-        val_loss = validation_loss(model, dataset, val_idx, recipe.eval_batch_size, config.precision, device)
+        val, val_loss = evaluate_with_loss(model, dataset, val_idx, batch_size=recipe.eval_batch_size,
+                                           precision=config.precision, device=device)
         record = {
             "epoch": epoch + 1, "step": global_step,
             "train_loss": (loss_sum / max(seen, 1)).item(), "val_loss": val_loss,
@@ -333,19 +350,12 @@ def _train(
         _write_history(run_dir, history)  # before the checkpoint: resume trims what it lacks
         periodic = (epoch + 1) % recipe.checkpoint_every == 0 or epoch + 1 == last_epoch
         if periodic or is_best:
-            tensors, optimizer_meta = _checkpoint_tensors(optimizer, data_order)
-            trainer_state = {
-                "model": config.model, "size": config.size, "epoch": epoch + 1,
-                "global_step": global_step, "best_uar": best_uar, "best_epoch": best_epoch,
-                "optimizer": optimizer_meta, "scaler": scaler.state_dict() if scaler is not None else None,
-                "val": {"uar": val.uar, "accuracy": val.accuracy},
-            }
-            best_name = _pointer_name(run_dir, "best")
-            path = save_checkpoint(
-                run_dir, global_step, model.state_dict(), tensors, trainer_state,
-                keep_last=recipe.keep_last, protect={best_name} if best_name and not is_best else set(),
+            path = _save_training_checkpoint(
+                run_dir, config, model, optimizer, scaler, data_order, global_step,
+                {"epoch": epoch + 1, "best_uar": best_uar, "best_epoch": best_epoch,
+                 "val": {"uar": val.uar, "accuracy": val.accuracy}},
+                {}, protect_best=not is_best,
             )
-            write_pointer(run_dir, "last", path, {"epoch": epoch + 1, "step": global_step})
             if is_best:
                 write_pointer(run_dir, "best", path, {"epoch": epoch + 1, "step": global_step, "val_uar": val.uar})
         reporter.epoch_end(record)
@@ -384,27 +394,6 @@ def _pointer_name(run_dir: Path, name: str) -> str | None:
         return read_pointer(run_dir, name).name
     except MmkitError:
         return None
-
-
-def validation_loss(
-    model: MultimodalModel, dataset: Dataset, indices: torch.Tensor, batch_size: int, precision: str,
-    device: torch.device,
-) -> float:
-    """Mean cross-entropy on `indices` (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
-    total, n = torch.zeros((), dtype=torch.float64), 0
-    with torch.no_grad(), torch.autocast(
-        device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES
-    ):
-        for inputs, labels in iterate_batches(dataset, indices, batch_size, shuffle=False):
-            logits = logits_of(model(**{k: v.to(device) for k, v in inputs.items()}))
-            total += torch.nn.functional.cross_entropy(
-                logits.float(), labels.to(device), reduction="sum"
-            ).double().cpu()
-            n += labels.shape[0]
-    model.train(was_training)
-    return (total / max(n, 1)).item()
 
 
 def final_test(
