@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -101,21 +102,26 @@ class GpuPreset(_Strict):
         }
 
 
+MAX_EPOCHS = 1_000_000
+MAX_BATCH = 1 << 20  # larger values are typos, not batches
+BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+
+
 class TrainingRecipe(BaseModel):
     """The fields of a training preset, with the built-in defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
-    epochs: PositiveInt = 10
-    lr: PositiveFloat = 1e-3
-    weight_decay: NonNegativeFloat = 0.01
+    epochs: int = Field(default=10, gt=0, le=MAX_EPOCHS)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.01, ge=0, le=10)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)  # of all optimizer steps
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    batch_size: PositiveInt | Literal["auto"] = 32
-    min_batch_size: PositiveInt = 1  # the smallest batch `auto` may choose
-    max_batch_size: PositiveInt = 256  # the cap of `auto`
-    grad_accum: PositiveInt = 1
+    batch_size: BatchSize | Literal["auto"] = 32
+    min_batch_size: BatchSize = 1  # the smallest batch `auto` may choose
+    max_batch_size: BatchSize = 256  # the cap of `auto`
+    grad_accum: BatchSize = 1
     size: str = "default"  # a named size, `wN`, or "auto" (fit to the GPU)
     precision: Precision = "fp32"
     grad_clip: PositiveFloat | None = 1.0
@@ -128,8 +134,9 @@ class TrainingRecipe(BaseModel):
     restart_epochs: PositiveInt = 10  # cosine-restarts: length of the first cycle, doubling after
     contrastive_weight: NonNegativeFloat = 0.5  # clip/fusion: weight of the CLIP contrastive term
     checkpoint_every: PositiveInt = 1  # epochs between periodic checkpoints
+    checkpoint_every_steps: NonNegativeInt = 0  # also checkpoint inside an epoch every N steps (0: off)
     keep_last: PositiveInt = 3  # periodic checkpoints kept (the best is always kept)
-    eval_batch_size: PositiveInt = 256
+    eval_batch_size: BatchSize = 256
 
 
 class TrainingPreset(TrainingRecipe):

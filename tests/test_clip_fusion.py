@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-import mmkit.models.clip  # noqa: F401  (registers `clip`)
+import mmkit.models.clip
 import mmkit.models.fusion  # noqa: F401  (registers `fusion`)
 from mmkit.data.tokenizer import (
     BOS_ID,

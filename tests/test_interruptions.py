@@ -1,4 +1,10 @@
-"""Interrupted runs: signals mid-epoch and damaged checkpoints; the continued run stays exact."""
+"""Interrupted runs: kill -9 anywhere, signals mid-epoch, damaged checkpoints; resume stays exact.
+
+The kill -9 tests run the real `mmkit train` in a subprocess through a small driver that wraps one
+mmkit function and sends SIGKILL to its own process at a chosen point (before an optimizer step,
+between two micro-batches of a gradient-accumulation cycle, halfway through writing a checkpoint).
+Nothing in mmkit knows about the driver: the process dies exactly as under `kill -9`.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +22,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
+from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses
 
 runner = CliRunner()
 TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "3", "--train-fraction", "1.0")
-
-
-def last_model(run: Path) -> dict[str, torch.Tensor]:
-    pointer = json.loads((run / "checkpoints" / "last.json").read_text())
-    return load_file(run / "checkpoints" / pointer["path"] / "model.safetensors")
-
-
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["train_loss"] for line in (run / "history.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +92,100 @@ def test_resume_falls_back_past_a_damaged_last_checkpoint(tmp_path: Path, damage
     assert result.exit_code == 0, result.output
     assert f"checkpoint {last.name} is damaged" in result.output
     assert [json.loads(line)["epoch"] for line in (run / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9: same recipe throughout — 2 epochs of 79 steps, gradient accumulation over 2
+# micro-batches, and a checkpoint every 30 optimizer steps besides the one at each epoch's end:
+# steps 30, 60, 79 (end of epoch 1), 90, 120, 158 (end of epoch 2)
+
+KILL_TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2",
+              "--set", "grad_accum=2", "--set", "checkpoint_every_steps=30")
+STEPS_PER_EPOCH = 79  # 2500 training samples (train_fraction 0.5) in batches of 32
+
+DRIVER = """
+import os, signal, sys
+import mmkit.train.checkpoint as checkpoint
+import mmkit.train.loop as loop
+from mmkit.cli.app import main
+
+point, at = sys.argv[1], int(sys.argv[2])
+calls = 0
+
+def kill_on(call):  # SIGKILL: no handler, no cleanup, no flush -- exactly `kill -9`
+    global calls
+    calls += 1
+    if calls == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "before-step":  # before optimizer step number `at` (1-based) starts
+    step = loop._optimizer_step
+    def wrapped(*args, **kwargs):
+        kill_on(None)
+        return step(*args, **kwargs)
+    loop._optimizer_step = wrapped
+elif point == "between-micro-batches":  # after the first micro-batch of a step, before the second
+    micro = loop.training_step
+    def wrapped(*args, **kwargs):
+        result = micro(*args, **kwargs)
+        if not kwargs["step_optimizer"]:
+            kill_on(None)
+        return result
+    loop.training_step = wrapped
+elif point == "writing-checkpoint":  # model.safetensors of checkpoint `at` written, the rest not
+    save = checkpoint.save_file
+    def wrapped(tensors, path, metadata=None):
+        save(tensors, path, metadata=metadata)
+        if path.name == "model.safetensors":
+            kill_on(None)
+    checkpoint.save_file = wrapped
+sys.argv = ["mmkit", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accumulating(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("whole") / "R"
+    result = runner.invoke(app, [*KILL_TRAIN, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def no_leftovers(run: Path) -> list[str]:
+    return [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+@pytest.mark.parametrize(
+    ("point", "at", "resumes_from_step"),
+    [
+        ("before-step", 80, 79),  # (a) at the epoch boundary: before the first step of epoch 2
+        ("before-step", 129, 120),  # (b) mid-epoch, 8 steps after a mid-epoch checkpoint
+        ("between-micro-batches", 124, 120),  # (c) inside the gradient-accumulation cycle of step 124
+        ("writing-checkpoint", 4, 79),  # (d) halfway through writing the 4th checkpoint (step 90)
+    ],
+    ids=["epoch-boundary", "mid-epoch", "mid-accumulation", "mid-checkpoint-write"],
+)
+def test_kill_9_then_resume_is_bitwise_identical(
+    tmp_path: Path, uninterrupted_accumulating: Path, point: str, at: int, resumes_from_step: int
+) -> None:
+    run = tmp_path / "R"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    process = subprocess.run(
+        [sys.executable, str(driver), point, str(at), *KILL_TRAIN, "--out", str(run)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert last_checkpoint(run).name == f"step-{resumes_from_step:08d}"
+    if point == "writing-checkpoint":  # the half-written checkpoint is there, and is not a checkpoint
+        assert any(name.startswith(".tmp-step-") for name in no_leftovers(run))
+        assert not (run / "checkpoints" / "step-00000090").exists()
+
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"from step-{resumes_from_step:08d}" in result.output
+    assert_bitwise_equal(last_model(uninterrupted_accumulating), last_model(run))
+    assert losses(run) == losses(uninterrupted_accumulating)  # no batch replayed or skipped
+    assert [r["step"] for r in history(run)] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert no_leftovers(run) == []  # the dead process's temporary directory was cleaned up

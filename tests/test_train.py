@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from runhelpers import assert_bitwise_equal, history, last_model
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
@@ -25,21 +25,6 @@ def ok(*args: str) -> object:
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     return result
-
-
-def last_model(run: Path) -> dict[str, torch.Tensor]:
-    pointer = json.loads((run / "checkpoints" / "last.json").read_text())
-    return load_file(run / "checkpoints" / pointer["path"] / "model.safetensors")
-
-
-def history(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
 def test_quick_multichannel_run_has_everything_and_learns(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def main() -> None:
     """Console entry point. Internal errors show a traceback only with MMKIT_DEBUG=1."""
     try:
         app()
-    except Exception as exc:  # noqa: BLE001 - last line of defence for bugs, not user errors
+    except Exception as exc:
         from mmkit.settings import MmkitSettings
 
         if MmkitSettings().debug:

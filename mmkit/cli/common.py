@@ -20,8 +20,9 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-def user_errors_exit_2(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn an MmkitError into one line on stderr and exit code 2 (no traceback)."""
+def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn an MmkitError into one line on stderr and its exit code (2 for bad input, 1 for a run
+    that stopped itself safely), without a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -29,7 +30,7 @@ def user_errors_exit_2(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except MmkitError as exc:
             print(f"mmkit: error: {exc}", file=sys.stderr)
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 
@@ -68,7 +69,7 @@ def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
-def human_count(n: int | float) -> str:
+def human_count(n: float) -> str:
     """2365962 → '2.37M'."""
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -76,7 +77,7 @@ def human_count(n: int | float) -> str:
     return str(n)
 
 
-def human_bytes(n: int | float) -> str:
+def human_bytes(n: float) -> str:
     """Binary units: 9463848 → '9.03 MiB'."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:

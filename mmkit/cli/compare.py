@@ -9,13 +9,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mmkit.cli.common import console, err_console, human_bytes, human_count, print_json, user_errors_exit_2
+from mmkit.cli.common import console, err_console, human_bytes, human_count, one_line_errors, print_json
 from mmkit.errors import MmkitError
 
 Row = tuple[str, str, str, str]  # label, A, B, A/B (a label alone is a section heading)
 
 
-@user_errors_exit_2
+@one_line_errors
 def compare_cli(
     a: Annotated[str, typer.Argument(help="First model, MODEL or MODEL:SIZE.")],
     b: Annotated[str, typer.Argument(help="Second model, MODEL or MODEL:SIZE.")],
@@ -99,10 +99,10 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
     if "speed" in a:
         rows.append((f"speed (measured on {s['device']}; median [p25–p75] of interleaved rounds)", "", "", ""))
         ta, tb = a["speed"]["train_step_seconds"], b["speed"]["train_step_seconds"]
-        fmt_t = lambda q: f"{q['median'] * 1000:.2f} ms [{q['p25'] * 1000:.2f}–{q['p75'] * 1000:.2f}]"  # noqa: E731
+        fmt_t = lambda q: f"{q['median'] * 1000:.2f} ms [{q['p25'] * 1000:.2f}–{q['p75'] * 1000:.2f}]"
         rows.append((f"training step, batch {s['batch_size']}", fmt_t(ta), fmt_t(tb), _ratio(ta["median"], tb["median"])))
         ia, ib = a["speed"]["inference_samples_per_s"], b["speed"]["inference_samples_per_s"]
-        fmt_i = lambda q: f"{q['median']:,.0f}/s [{q['p25']:,.0f}–{q['p75']:,.0f}]"  # noqa: E731
+        fmt_i = lambda q: f"{q['median']:,.0f}/s [{q['p25']:,.0f}–{q['p75']:,.0f}]"
         rows.append(("inference throughput", fmt_i(ia), fmt_i(ib), _ratio(ia["median"], ib["median"])))
         pa, pb = a["speed"]["measured_peak_tensors"], b["speed"]["measured_peak_tensors"]
         rows.append(("measured peak tensors, real step", f"{pa:,} B", f"{pb:,} B", _ratio(pa, pb)))

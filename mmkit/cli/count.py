@@ -11,9 +11,9 @@ from mmkit.cli.common import (
     console,
     human_bytes,
     human_count,
+    one_line_errors,
     parse_set_options,
     print_json,
-    user_errors_exit_2,
 )
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def _complete_model(incomplete: str) -> list[str]:
     return [m for m in list_models() if m.startswith(incomplete)]
 
 
-@user_errors_exit_2
+@one_line_errors
 def count_cli(
     model: Annotated[str, typer.Argument(help="Registered model name.", autocompletion=_complete_model)],
     size: Annotated[

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from mmkit.cli.common import console, print_json, user_errors_exit_2
+from mmkit.cli.common import console, one_line_errors, print_json
 from mmkit.errors import MmkitError
 
 if TYPE_CHECKING:
     from mmkit.train.metrics import ClassificationMetrics
 
 
-@user_errors_exit_2
+@one_line_errors
 def eval_cli(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",

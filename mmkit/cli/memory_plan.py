@@ -11,10 +11,10 @@ from mmkit.cli.common import (
     console,
     err_console,
     human_bytes,
+    one_line_errors,
     parse_auto_int,
     parse_set_options,
     print_json,
-    user_errors_exit_2,
 )
 from mmkit.errors import MmkitError
 
@@ -34,7 +34,7 @@ def _pick_precision(requested: str, given_by_user: bool, supported: tuple[str, .
     return fallback, f"the preset's precision {requested} is not supported by {gpu!r}; planning with {fallback}"
 
 
-@user_errors_exit_2
+@one_line_errors
 def memory_plan_cli(
     model: Annotated[str | None, typer.Argument(help="Registered model (default: $MMKIT_MODEL or lfm2).")] = None,
     gpu: Annotated[str, typer.Option("--gpu", "-g", help="GPU preset, 'auto' (detect CUDA) or 'cpu'.")] = "auto",
@@ -148,7 +148,7 @@ def _why(candidate: Candidate | None, what: str, budget: int) -> str | None:
 def render_plan(plan: MemoryPlan, preset: str) -> None:
     fit, chosen, gpu = plan.fit, plan.fit.chosen, plan.gpu
     budget = fit.budget_bytes
-    auto = lambda flag: " [dim](auto)[/dim]" if flag else ""  # noqa: E731
+    auto = lambda flag: " [dim](auto)[/dim]" if flag else ""
     console.print(
         f"[bold]{fit.entry.name}[/bold] · size [bold]{fit.size}[/bold]{auto(fit.auto_size)} · "
         f"batch [bold]{fit.batch_size}[/bold]{auto(fit.auto_batch)} · {plan.precision}"
@@ -185,7 +185,7 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
                       _bar(chosen.total, budget))
     table.add_section()
     style = "green" if chosen.fits else "red"
-    table.add_row(f"[bold]total[/bold]", f"[{style}]{chosen.total:,}[/{style}]", human_bytes(chosen.total),
+    table.add_row("[bold]total[/bold]", f"[{style}]{chosen.total:,}[/{style}]", human_bytes(chosen.total),
                   f"[{style}]{_bar(chosen.total, budget)}[/{style}]")
     console.print(table)
 

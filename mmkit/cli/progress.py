@@ -35,12 +35,12 @@ class RichReporter:
         self.epoch_task: Any = None
         self.step_task: Any = None
 
-    def start(self, config: RunConfig, resumed_from: int | None) -> None:
+    def start(self, config: RunConfig, resumed_from: str | None) -> None:
         t = config.training
         head = "resuming" if resumed_from is not None else "training"
         console.print(
             f"[bold]{head}[/bold] {config.model} · size {config.size} · data {config.data} · preset {config.preset}"
-            + (f" · from epoch {resumed_from}" if resumed_from is not None else "")
+            + (f" · from {resumed_from}" if resumed_from is not None else "")
         )
         console.print(
             f"  device {config.device} · {config.precision} · batch {t.batch_size}"

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from mmkit.cli.common import console, parse_auto_int, parse_set_options, user_errors_exit_2
+from mmkit.cli.common import console, one_line_errors, parse_auto_int, parse_set_options
 from mmkit.errors import MmkitError
 
 
@@ -18,7 +18,7 @@ def _default_run_dir(model: str, preset: str) -> Path:
     return Path("runs") / f"{model}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-@user_errors_exit_2
+@one_line_errors
 def train_cli(
     model: Annotated[str, typer.Argument(help="Registered model name.")],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Training preset.")] = "quick",
@@ -61,7 +61,7 @@ def train_cli(
     _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 
 
-@user_errors_exit_2
+@one_line_errors
 def resume_cli(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Extend the run to this many epochs in total.")] = None,

@@ -59,6 +59,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
+from mmkit.errors import MmkitError
 from mmkit.models.blocks import (
     ConformerLayer,
     ConvSubsampling,
@@ -70,7 +71,6 @@ from mmkit.models.blocks import (
     lfm2_ffn_dim,
     run_block,
 )
-from mmkit.errors import MmkitError
 from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
 
 HEAD_DIM_TARGET = 64  # at_width picks heads so that head_dim is about this

@@ -34,7 +34,6 @@ from mmkit.plan.tracker import (
     track_model_state,
     track_optimizer_state,
 )
-from mmkit.settings import GpuPreset
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 PLAN_LR = 1e-3  # any positive value: memory does not depend on it

@@ -2,9 +2,17 @@
 its state loaded from the run's last checkpoint.
 
 Exact resume: a checkpoint holds the model, the optimizer state, the GradScaler state, the global
-and Python RNG states and the data-order generator, taken at an epoch boundary after validation.
-Loading it puts every source of randomness and every counter where the uninterrupted run had
-them, so the continued run is bitwise identical on the CPU.
+and Python RNG states and the data-order generator. It is taken at an epoch boundary after
+validation, every `checkpoint_every_steps` optimizer steps inside an epoch (with the position in
+the epoch and the epoch's data order), and when SIGINT/SIGTERM arrives. Loading it puts every source
+of randomness and every counter where the uninterrupted run had them, so the continued run is
+bitwise identical on the CPU — after a clean stop, a signal or a `kill -9` alike.
+
+Failures the run survives stop it with `RunStopped` (one line, exit code 1) and never leave a bad
+checkpoint behind: a non-finite loss without a GradScaler, a checkpoint or history write that fails
+(disk full), and CUDA out-of-memory that back-off cannot fix. Out of memory in forward or backward
+halves the micro-batch and doubles `grad_accum` instead, so the batch per optimizer step is
+unchanged, and records the new `grad_accum` in run.json so that `resume` keeps it.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import random
 import signal
 import threading
@@ -24,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from mmkit.data.datasets import Dataset, iterate_batches, load_dataset, num_batches, stratified_subset
-from mmkit.errors import MmkitError
+from mmkit.errors import MmkitError, RunStopped
 from mmkit.models.registry import MultimodalModel, build_model, logits_of
 from mmkit.train.checkpoint import (
     CheckpointError,
@@ -44,6 +53,8 @@ from mmkit.train.config import RunConfig, write_json_atomic
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
 from mmkit.train.schedule import learning_rate
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
+
+OutOfMemoryError = torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError on torch >= 2.5
 
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
@@ -88,7 +99,7 @@ class _StopRequest:
 class Reporter(Protocol):
     """What the loop tells the outside world; the CLI draws progress bars, tests stay silent."""
 
-    def start(self, config: RunConfig, resumed_from: int | None) -> None: ...
+    def start(self, config: RunConfig, resumed_from: str | None) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
     def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
@@ -97,7 +108,7 @@ class Reporter(Protocol):
 
 
 class SilentReporter:
-    def start(self, config: RunConfig, resumed_from: int | None) -> None: ...
+    def start(self, config: RunConfig, resumed_from: str | None) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
     def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
@@ -165,8 +176,21 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 def _write_history(run_dir: Path, records: list[dict[str, Any]]) -> None:
     path = run_dir / HISTORY_FILE
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunStopped(f"could not write {path} ({exc.strerror or exc}); {_last_good(run_dir)}") from None
+
+
+def _last_good(run_dir: Path) -> str:
+    """How the run can go on: the checkpoint `resume` would continue from, and the command."""
+    try:
+        last = resolve_checkpoint(run_dir, "last")
+    except CheckpointError:
+        return "no checkpoint had been written yet; start the run again"
+    return f"the last good checkpoint {last.name} is intact; continue with `mmkit resume {run_dir}`"
 
 
 def _save_training_checkpoint(
@@ -174,7 +198,16 @@ def _save_training_checkpoint(
     scaler: torch.amp.GradScaler | None, data_order: torch.Generator, global_step: int,
     state: dict[str, Any], extra_tensors: dict[str, torch.Tensor], protect_best: bool,
 ) -> Path:
-    """Model, optimizer, scaler, every RNG and the data order; `last` points to the result."""
+    """Model, optimizer, scaler, every RNG and the data order; `last` points to the result.
+
+    Never writes non-finite weights, and a failed write (e.g. a full disk) leaves the previous
+    checkpoints and pointers as they were: the save is atomic and rotation runs only after it.
+    """
+    model_state = model.state_dict()
+    bad = next((k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise RunStopped(f"weight {bad!r} is not finite at step {global_step}; no checkpoint written; "
+                         f"{_last_good(run_dir)}")
     tensors, optimizer_meta = optimizer_state_to_tensors(optimizer.state_dict())
     tensors.update(rng_state_to_tensors())
     tensors[DATA_GENERATOR_KEY] = data_order.get_state()
@@ -184,11 +217,15 @@ def _save_training_checkpoint(
         "optimizer": optimizer_meta, "scaler": scaler.state_dict() if scaler is not None else None,
     }
     best_name = _pointer_name(run_dir, "best")
-    path = save_checkpoint(
-        run_dir, global_step, model.state_dict(), tensors, trainer_state,
-        keep_last=config.training.keep_last, protect={best_name} if best_name and protect_best else set(),
-    )
-    write_pointer(run_dir, "last", path, {"epoch": state["epoch"], "step": global_step})
+    try:
+        path = save_checkpoint(
+            run_dir, global_step, model_state, tensors, trainer_state,
+            keep_last=config.training.keep_last, protect={best_name} if best_name and protect_best else set(),
+        )
+        write_pointer(run_dir, "last", path, {"epoch": state["epoch"], "step": global_step})
+    except OSError as exc:
+        raise RunStopped(f"could not write the checkpoint of step {global_step} ({exc.strerror or exc}); "
+                         f"{_last_good(run_dir)}") from None
     return path
 
 
@@ -231,7 +268,7 @@ def _train(
     train_idx = train_indices(config, dataset)
     val_idx = dataset.indices("val")
     batch_size = int(recipe.batch_size)
-    micro_batches = recipe.grad_accum
+    micro_batches = min(recipe.grad_accum, batch_size)
     steps_per_epoch = num_batches(len(train_idx), batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     warmup_steps = round(recipe.warmup_fraction * total_steps)
@@ -269,7 +306,10 @@ def _train(
         best_uar, best_epoch = trainer["best_uar"], trainer["best_epoch"]
         history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
         _write_history(run_dir, history)  # drop epochs the interrupted run logged after its checkpoint
-        resumed_from = start_epoch
+        resumed_from = (
+            f"{checkpoint_dir.name} (epoch {start_epoch + 1}, after step {resume_batches} of {steps_per_epoch})"
+            if resume_batches else f"{checkpoint_dir.name} (end of epoch {start_epoch})"
+        )
     elif (run_dir / HISTORY_FILE).exists():
         (run_dir / HISTORY_FILE).unlink()
 
@@ -286,6 +326,10 @@ def _train(
             loss_sum, seen = resume_partial[0].clone(), resume_partial[1]
         batches_done = resume_batches
         resume_batches = 0
+        lr = learning_rate(
+            global_step, base_lr=recipe.lr, total_steps=total_steps, warmup_steps=warmup_steps,
+            schedule=recipe.schedule, steps_per_epoch=steps_per_epoch, restart_epochs=recipe.restart_epochs,
+        )
         for inputs, labels in batches:
             lr = learning_rate(
                 global_step, base_lr=recipe.lr, total_steps=total_steps, warmup_steps=warmup_steps,
@@ -294,34 +338,37 @@ def _train(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # gradient accumulation: the batch is what one optimizer step sees, in micro-batches
-            n = labels.shape[0]
-            bounds = [round(i * n / micro_batches) for i in range(micro_batches + 1)]
-            step_loss = torch.zeros(())
-            for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
-                if hi <= lo:
-                    continue
-                micro = {k: v[lo:hi].to(device) for k, v in inputs.items()}
-                loss = training_step(
-                    model, optimizer, micro, labels[lo:hi].to(device),
-                    precision=config.precision, scaler=scaler, grad_clip=recipe.grad_clip,
-                    contrastive_weight=recipe.contrastive_weight,
-                    label_smoothing=recipe.label_smoothing,
-                    loss_scale=(hi - lo) / n, step_optimizer=i == micro_batches - 1 or hi == n,
-                )
-                step_loss += loss.float().cpu() * (hi - lo) / n
+            while True:  # out of memory: retry the step with half the micro-batch
+                phase = _Phase()
+                try:
+                    step_loss = _optimizer_step(model, optimizer, scaler, inputs, labels, micro_batches,
+                                                config, device, phase)
+                    break
+                except OutOfMemoryError:
+                    if phase.name == "optimizer":
+                        raise RunStopped(
+                            f"CUDA out of memory in the optimizer step at step {global_step + 1}: the weights, "
+                            f"gradients and optimizer state alone do not fit, whatever the batch; pick a smaller "
+                            f"--size (see `mmkit memory-plan`); {_last_good(run_dir)}"
+                        ) from None
+                config, micro_batches = _back_off(run_dir, config, micro_batches, global_step + 1, optimizer,
+                                                  device, reporter)
             if not torch.isfinite(step_loss) and scaler is None:
                 # (with fp16 the GradScaler has already skipped this step and lowered its scale)
-                raise MmkitError(
-                    f"loss is {step_loss.item()} at epoch {epoch + 1}, step {global_step + 1}; "
-                    f"the last checkpoint is intact (lower lr={recipe.lr} or use fp32)"
+                raise RunStopped(
+                    f"loss is {step_loss.item()} at epoch {epoch + 1}, step {global_step + 1}; stopped before "
+                    f"any checkpoint with non-finite weights; {_last_good(run_dir)} (a lower lr than "
+                    f"{recipe.lr}, or fp32, may avoid it)"
                 )
             global_step += 1
             batches_done += 1
+            n = labels.shape[0]
             seen += n
             loss_sum += step_loss * n
             reporter.step(step_loss.item(), lr, seen / max(time.perf_counter() - epoch_start, 1e-9))
-            if stop.signal is not None:  # finish the step, checkpoint where we are, stop
+            periodic = recipe.checkpoint_every_steps and global_step % recipe.checkpoint_every_steps == 0
+            if stop.signal is not None or (periodic and batches_done < steps_per_epoch):
+                # mid-epoch: the position in the epoch and the epoch's data order make resume exact
                 path = _save_training_checkpoint(
                     run_dir, config, model, optimizer, scaler, data_order, global_step,
                     {"epoch": epoch, "batches_in_epoch": batches_done, "epoch_samples_seen": seen,
@@ -329,7 +376,8 @@ def _train(
                     {EPOCH_ORDER_KEY: epoch_order, "progress.epoch_loss_sum": loss_sum.clone()},
                     protect_best=True,
                 )
-                raise TrainingInterrupted(stop.signal, path, epoch + 1, global_step)
+                if stop.signal is not None:  # the step has finished and is saved: stop
+                    raise TrainingInterrupted(stop.signal, path, epoch + 1, global_step)
 
         # ---- end of epoch: validate, log, checkpoint
         epoch_time = time.perf_counter() - epoch_start
@@ -339,7 +387,7 @@ def _train(
             "epoch": epoch + 1, "step": global_step,
             "train_loss": (loss_sum / max(seen, 1)).item(), "val_loss": val_loss,
             "val_accuracy": val.accuracy, "val_uar": val.uar, "val_war": val.war,
-            "val_macro_f1": val.macro_f1, "lr": lr, "epoch_time": epoch_time,
+            "val_macro_f1": val.macro_f1, "lr": lr, "grad_accum": micro_batches, "epoch_time": epoch_time,
             "samples_per_s": seen / max(epoch_time, 1e-9),
         }
         is_best = val.uar > best_uar
@@ -366,6 +414,68 @@ def _train(
         test = final_test(run_dir, config, model, dataset, device)
     reporter.end(test)
     return TrainOutcome(run_dir, last_epoch, finished, test)
+
+
+class _Phase:
+    """The phase `training_step` is in (forward, backward, optimizer, done), for OOM handling."""
+
+    def __init__(self) -> None:
+        self.name = "start"
+
+    def __call__(self, name: str) -> None:
+        self.name = name
+
+
+def _optimizer_step(
+    model: MultimodalModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+    inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, micro_batches: int, config: RunConfig,
+    device: torch.device, phase: _Phase,
+) -> torch.Tensor:
+    """One optimizer step over the batch, in `micro_batches` gradient-accumulation slices; the
+    batch's mean loss (CPU, float32)."""
+    recipe = config.training
+    n = labels.shape[0]
+    bounds = [round(i * n / micro_batches) for i in range(micro_batches + 1)]
+    step_loss = torch.zeros(())
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if hi <= lo:
+            continue
+        micro = {k: v[lo:hi].to(device) for k, v in inputs.items()}
+        loss = training_step(
+            model, optimizer, micro, labels[lo:hi].to(device),
+            precision=config.precision, scaler=scaler, grad_clip=recipe.grad_clip,
+            contrastive_weight=recipe.contrastive_weight, label_smoothing=recipe.label_smoothing,
+            loss_scale=(hi - lo) / n, step_optimizer=i == micro_batches - 1 or hi == n, on_phase=phase,
+        )
+        step_loss += loss.float().cpu() * (hi - lo) / n
+    return step_loss
+
+
+def _back_off(
+    run_dir: Path, config: RunConfig, micro_batches: int, step: int, optimizer: torch.optim.Optimizer,
+    device: torch.device, reporter: Reporter,
+) -> tuple[RunConfig, int]:
+    """After out of memory in forward/backward: drop the partial gradients, double `grad_accum`
+    (halving the micro-batch; the batch per optimizer step is unchanged) and record it in run.json."""
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    batch_size = int(config.training.batch_size)
+    micro = math.ceil(batch_size / micro_batches)
+    if micro <= 1:
+        raise RunStopped(
+            f"CUDA out of memory at step {step} even with a micro-batch of 1; pick a smaller --size or "
+            f"precision (see `mmkit memory-plan`); {_last_good(run_dir)}"
+        )
+    doubled = min(micro_batches * 2, batch_size)
+    config = config.model_copy(update={"training": config.training.model_copy(update={"grad_accum": doubled})})
+    config.save(run_dir)
+    reporter.message(
+        f"CUDA out of memory at step {step}: micro-batch {micro} → {math.ceil(batch_size / doubled)}, "
+        f"grad_accum {micro_batches} → {doubled}; the batch per optimizer step stays {batch_size} "
+        f"(run.json updated, resume keeps it)"
+    )
+    return config, doubled
 
 
 def load_latest_intact(run_dir: Path, reporter: Reporter) -> tuple[Path, tuple[Any, Any, dict[str, Any]]]:
@@ -417,7 +527,7 @@ def check_data_fits_model(config: RunConfig, shapes: Mapping[str, tuple[int, ...
     expected = {name: tuple(spec.shape) for name, spec in model.input_specs().items()}
     given = {name: tuple(shapes[name]) for name in expected if name in shapes}
     if given != expected:
-        fmt = lambda d: ", ".join(f"{k} {list(v)}" for k, v in d.items()) or "none"  # noqa: E731
+        fmt = lambda d: ", ".join(f"{k} {list(v)}" for k, v in d.items()) or "none"
         have = {k: tuple(v) for k, v in shapes.items()}
         raise MmkitError(
             f"data {data!r} does not fit the run's model {config.model!r}: expected inputs {fmt(expected)}; "

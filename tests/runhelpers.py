@@ -1,0 +1,32 @@
+"""What the training tests share: reading a run directory back and comparing weights bitwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def last_checkpoint(run: Path) -> Path:
+    pointer = json.loads((run / "checkpoints" / "last.json").read_text())
+    return run / "checkpoints" / pointer["path"]
+
+
+def last_model(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(last_checkpoint(run) / "model.safetensors")
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[float]:
+    return [record["train_loss"] for record in history(run)]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
