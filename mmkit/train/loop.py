@@ -358,7 +358,7 @@ def _train(
                 raise RunStopped(
                     f"loss is {step_loss.item()} at epoch {epoch + 1}, step {global_step + 1}; stopped before "
                     f"any checkpoint with non-finite weights; {_last_good(run_dir)} (a lower lr than "
-                    f"{recipe.lr}, or fp32, may avoid it)"
+                    f"{recipe.lr:g}{'' if config.precision == 'fp32' else ' or fp32'} may avoid it)"
                 )
             global_step += 1
             batches_done += 1
