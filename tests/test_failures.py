@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model
 from typer.testing import CliRunner
 
 import mmkit.train.checkpoint as checkpoint
@@ -22,7 +23,6 @@ from mmkit.cli.app import app
 from mmkit.train.checkpoint import list_checkpoints, load_checkpoint
 from mmkit.train.config import RunConfig
 from mmkit.train.prepare import prepare_run
-from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model
 
 runner = CliRunner()
 TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2")  # 79 steps per epoch

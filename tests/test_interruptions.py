@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
-from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses
 
 runner = CliRunner()
 TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "3", "--train-fraction", "1.0")

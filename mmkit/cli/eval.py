@@ -30,7 +30,7 @@ def eval_cli(
 
     from mmkit.data.datasets import load_dataset
     from mmkit.models.registry import build_model
-    from mmkit.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from mmkit.train.checkpoint import load_checkpoint, load_model_state, resolve_checkpoint
     from mmkit.train.config import RunConfig
     from mmkit.train.loop import check_data_fits_model, evaluate
     from mmkit.train.prepare import resolve_device
@@ -52,7 +52,7 @@ def eval_cli(
 
     dev = torch.device(resolve_device(device))
     model = build_model(config.entry, config.model_config_object())
-    model.load_state_dict(model_state)
+    load_model_state(model, model_state, path / "model.safetensors")
     model.to(dev)
     metrics = evaluate(model, dataset, dataset.indices(split), batch_size=config.training.eval_batch_size,
                        precision=config.precision, device=dev)

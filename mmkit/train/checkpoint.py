@@ -337,6 +337,47 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: {path.name} missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: {path.name}: invalid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {path.name}: JSON nested too deeply") from None
+
+
+def load_model_state(model: torch.nn.Module, state: Mapping[str, Tensor], source: Path | str) -> None:
+    """Put a checkpoint's weights into `model`, refusing any tensor that is missing, unexpected, or
+    of another shape or dtype than the model's (a checkpoint of another model, or a hostile file)."""
+    expected = model.state_dict()
+    problems = [f"missing {k!r}" for k in expected if k not in state]
+    problems += [f"unexpected {k!r}" for k in state if k not in expected]
+    problems += [
+        f"{k!r} is {state[k].dtype} {list(state[k].shape)}, the model has {v.dtype} {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (state[k].shape != v.shape or state[k].dtype != v.dtype)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{source}: does not fit the model: {'; '.join(problems[:3])}{more}")
+    model.load_state_dict(state)
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta: Any, source: Path | str
+) -> None:
+    """`optimizer.load_state_dict` from checkpoint tensors + meta, refusing a state that does not
+    match the optimizer's parameters (so a bad file fails here, not at the next step)."""
+    try:
+        state = optimizer_state_from_tensors(tensors, meta)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+            raise ValueError("no 'state' table")
+        for index, entries in state["state"].items():
+            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entries, dict):
+                raise ValueError(f"state for parameter {index!r}, which the optimizer does not have")
+            for key, value in entries.items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                    raise ValueError(f"{key} of parameter {index} is {list(value.shape)}, "
+                                     f"the parameter is {list(params[index].shape)}")
+        optimizer.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, RecursionError) as error:
+        raise CheckpointError(f"{source}: optimizer state does not fit the model ({error})") from None
 
 
 # --------------------------------------------------------------------------------------------------

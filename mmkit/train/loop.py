@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from mmkit.data.datasets import Dataset, iterate_batches, load_dataset, num_batches, stratified_subset
 from mmkit.errors import MmkitError, RunStopped
@@ -39,7 +40,8 @@ from mmkit.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
-    optimizer_state_from_tensors,
+    load_model_state,
+    load_optimizer_state,
     optimizer_state_to_tensors,
     read_pointer,
     read_pointer_record,
@@ -114,6 +116,31 @@ class SilentReporter:
     def epoch_end(self, record: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
     def end(self, test: ClassificationMetrics | None) -> None: ...
+
+
+class TrainerState(BaseModel):
+    """What `resume` reads from trainer_state.json, checked before any of it is used."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    epoch: NonNegativeInt  # epochs completed
+    global_step: NonNegativeInt
+    best_uar: float
+    best_epoch: NonNegativeInt | None
+    batches_in_epoch: NonNegativeInt = 0  # > 0: a mid-epoch checkpoint
+    epoch_samples_seen: NonNegativeInt = 0
+    optimizer: dict[str, Any]
+    scaler: dict[str, float | int] | None = None
+
+
+def _trainer_state(document: dict[str, Any], checkpoint_dir: Path) -> TrainerState:
+    try:
+        return TrainerState.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CheckpointError(f"{checkpoint_dir / 'trainer_state.json'}: field {where!r}: {first['msg']}") from None
 
 
 @dataclass(frozen=True)
@@ -286,24 +313,27 @@ def _train(
     resumed_from = None
     resume_batches, resume_partial = 0, (torch.zeros(()), 0)
     if resume:
-        checkpoint_dir, (model_state, tensors, trainer) = load_latest_intact(run_dir, reporter)
-        if trainer.get("model") != config.model:
+        checkpoint_dir, (model_state, tensors, trainer_json) = load_latest_intact(run_dir, reporter)
+        trainer = _trainer_state(trainer_json, checkpoint_dir)
+        if trainer.model != config.model:
             raise MmkitError(
-                f"checkpoint {checkpoint_dir} belongs to model {trainer.get('model')!r}, "
-                f"but the run is {config.model!r}"
+                f"checkpoint {checkpoint_dir} belongs to model {trainer.model!r}, but the run is {config.model!r}"
             )
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state_from_tensors(tensors, trainer["optimizer"]))
-        if scaler is not None and trainer.get("scaler"):
-            scaler.load_state_dict(trainer["scaler"])
-        restore_rng_state(tensors)
-        data_order.set_state(tensors[DATA_GENERATOR_KEY])
-        start_epoch, global_step = trainer["epoch"], trainer["global_step"]
-        resume_batches = trainer.get("batches_in_epoch", 0)
-        if resume_batches:  # a mid-epoch checkpoint (after a signal): replay the epoch's data order
-            data_order.set_state(tensors[EPOCH_ORDER_KEY])
-            resume_partial = (tensors["progress.epoch_loss_sum"], trainer["epoch_samples_seen"])
-        best_uar, best_epoch = trainer["best_uar"], trainer["best_epoch"]
+        load_model_state(model, model_state, checkpoint_dir / "model.safetensors")
+        load_optimizer_state(optimizer, tensors, trainer.optimizer, checkpoint_dir / "state.safetensors")
+        start_epoch, global_step = trainer.epoch, trainer.global_step
+        resume_batches = trainer.batches_in_epoch
+        try:
+            if scaler is not None and trainer.scaler:
+                scaler.load_state_dict(trainer.scaler)
+            restore_rng_state(tensors)
+            data_order.set_state(tensors[DATA_GENERATOR_KEY])
+            if resume_batches:  # a mid-epoch checkpoint: replay the epoch's data order from its start
+                data_order.set_state(tensors[EPOCH_ORDER_KEY])
+                resume_partial = (tensors["progress.epoch_loss_sum"].reshape(()), trainer.epoch_samples_seen)
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"{checkpoint_dir}: training state unusable ({error})") from None
+        best_uar, best_epoch = trainer.best_uar, trainer.best_epoch
         history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
         _write_history(run_dir, history)  # drop epochs the interrupted run logged after its checkpoint
         resumed_from = (
@@ -512,7 +542,7 @@ def final_test(
     """Evaluate the best checkpoint on the test split and write metrics.json."""
     best = read_pointer(run_dir, "best")
     model_state, _, trainer = load_checkpoint(best)
-    model.load_state_dict(model_state)
+    load_model_state(model, model_state, best / "model.safetensors")
     test = evaluate(model, dataset, dataset.indices("test"), batch_size=config.training.eval_batch_size,
                     precision=config.precision, device=device)
     document = test.as_dict("test") | {"checkpoint": best.name, "epoch": trainer["epoch"]}
