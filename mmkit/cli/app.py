@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
+from typer.core import TyperGroup
 
 from mmkit import __version__
 from mmkit.cli import compare, count, eval, memory_plan, train
 
+# Typer >= 0.20 vendors click as typer._click; older releases use click itself.
+click: Any = getattr(typer.core, "_click", None) or __import__("click")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, a missing argument) as one line on stderr, exit code 2,
+    like every other mistake a user can make (DESIGN.md, "Errors")."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `mmkit` alone: the help, not an error
+            print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"mmkit: error: {exc.format_message()}{hint}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("mmkit: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="mmkit",
     help="Build, size, fit, train and honestly compare multimodal PyTorch models.",
     no_args_is_help=True,

@@ -47,7 +47,7 @@ def memory_plan_cli(
         bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Activation checkpointing (lfm2, clip, fusion).")
     ] = None,
     margin: Annotated[float | None, typer.Option("--margin", min=0.0, max=0.99, help="Fraction of VRAM kept free (default: the GPU preset's).")] = None,
-    prefer: Annotated[str, typer.Option("--prefer", help="When both are auto: 'width' (default) or 'batch'.")] = "width",
+    prefer: Annotated[str | None, typer.Option("--prefer", help="When both are auto: 'width' (default) or 'batch'.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a model setting: key=value (repeatable).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Take input shapes and classes from this data (as `train` does).")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on the local device and compare.")] = False,
@@ -58,7 +58,7 @@ def memory_plan_cli(
     from mmkit.plan.planner import plan_memory
     from mmkit.settings import MmkitSettings, resolve_training
 
-    if prefer not in ("width", "batch"):
+    if prefer not in (None, "width", "batch"):
         raise MmkitError(f"--prefer must be 'width' or 'batch', got {prefer!r}")
     if precision is not None and precision not in ("fp32", "fp16", "bf16"):
         raise MmkitError(f"unknown precision {precision!r}; valid: bf16, fp16, fp32")
@@ -75,6 +75,11 @@ def memory_plan_cli(
             "gradient_checkpointing": grad_checkpointing,
         },
     )
+    if prefer is not None and not (recipe.size == "auto" and recipe.batch_size == "auto"):
+        raise MmkitError(
+            f"--prefer {prefer} only applies when size and batch are both auto "
+            f"(here size {recipe.size}, batch {recipe.batch_size})"
+        )
     gpu_preset, gpu_note = resolve_gpu(gpu)
     notes = [gpu_note] if gpu_note else []
     chosen_precision, precision_note = _pick_precision(
@@ -82,9 +87,6 @@ def memory_plan_cli(
     )
     if precision_note:
         notes.append(precision_note)
-    for note in notes:
-        err_console.print(f"[yellow]note:[/yellow] {note}")
-
     overrides = parse_set_options(set_, strip_prefix="model.")
     if data is not None:
         from mmkit.data.datasets import load_dataset
@@ -93,6 +95,8 @@ def memory_plan_cli(
         dataset = load_dataset(data, seed=0)
         overrides = {**data_overrides(get_model_entry(model), dataset.input_shapes(), dataset.num_classes),
                      **overrides}
+    for note in notes:  # after every input check: an error stays the only line
+        err_console.print(f"[yellow]note:[/yellow] {note}")
     plan = plan_memory(
         model,
         gpu_preset,
@@ -106,7 +110,7 @@ def memory_plan_cli(
         margin=margin,
         min_batch_size=recipe.min_batch_size,
         max_batch_size=recipe.max_batch_size,
-        prefer=prefer,  # type: ignore[arg-type]
+        prefer=prefer or "width",  # type: ignore[arg-type]
         epochs=recipe.epochs,
         train_fraction=recipe.train_fraction,
         measure=measure,

@@ -210,7 +210,10 @@ def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelC
     """
     overrides = dict(overrides)
     if "width" in overrides:
-        config = config.at_width(int(overrides.pop("width")))
+        width = overrides.pop("width")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise MmkitError(f"invalid model setting 'width': expected a positive integer, got {width!r}")
+        config = config.at_width(width)
     if not overrides:
         return config
     valid = _config_keys(config)

@@ -75,6 +75,10 @@ def prepare_run(
     """Resolve everything a run needs; `flags` are the training options the user gave."""
     entry = get_model_entry(model)
     model_sets, training_sets = split_set_options(set_options or {})
+    twice = sorted(key for key, value in (flags or {}).items() if value is not None and key in training_sets)
+    if twice:
+        key = twice[0]
+        raise MmkitError(f"{key} is given twice, as --{key.replace('_', '-')} and as --set {key}=...; keep one")
     recipe = resolve_training(preset, {**training_sets, **(flags or {})})
     data_spec = data or entry.default_data
     data_seed = recipe.seed if data_seed is None else data_seed
