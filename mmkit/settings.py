@@ -178,6 +178,10 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise MmkitError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MmkitError(f"{path}: invalid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise MmkitError(f"{path}: invalid TOML: nested too deeply") from None
     except OSError as exc:
         raise MmkitError(f"{path}: cannot read: {exc.strerror}") from None
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from mmkit import __version__
@@ -58,24 +57,6 @@ def test_count_set_with_and_without_model_prefix() -> None:
     a = json.loads(invoke("count", "multichannel", "--set", "model.width=256", "--json").stdout)
     b = json.loads(invoke("count", "multichannel", "--set", "width=256", "--json").stdout)
     assert a["total_params"] == b["total_params"] < 2_365_962
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (("count", "nosuch"), "unknown model 'nosuch'; valid: "),
-        (("count", "lfm2", "--size", "nosuch"), "unknown size 'nosuch' for model 'lfm2'; valid: original"),
-        (("count", "multichannel", "--set", "bogus=1"), "unknown model setting 'bogus'"),
-        (("count", "multichannel", "--set", "novalue"), "--set expects key=value"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2(args: tuple[str, ...], expected: str) -> None:
-    result = invoke(*args)
-    assert result.exit_code == 2
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0]
-    assert "Traceback" not in result.stderr
 
 
 def test_python_dash_m_and_console_script_work() -> None:
