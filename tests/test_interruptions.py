@@ -188,3 +188,28 @@ def test_kill_9_then_resume_is_bitwise_identical(
     assert losses(run) == losses(uninterrupted_accumulating)  # no batch replayed or skipped
     assert [r["step"] for r in history(run)] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert no_leftovers(run) == []  # the dead process's temporary directory was cleaned up
+
+
+def test_signal_after_the_last_step_of_an_epoch_resumes_into_validation(
+    tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mmkit.train.loop as loop
+
+    real, calls = loop._optimizer_step, [0]
+
+    def optimizer_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2 * 157:  # the last step of epoch 2 (5000 samples, batches of 32)
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by mmkit's handler after this step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_optimizer_step", optimizer_step)
+    run = tmp_path / "R"
+    result = runner.invoke(app, [*TRAIN, "--out", str(run)])
+    assert result.exit_code == 143, result.output
+    monkeypatch.setattr(loop, "_optimizer_step", real)
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "after step 157 of 157" in result.output
+    assert [r["epoch"] for r in history(run)] == [1, 2, 3]
+    assert_bitwise_equal(last_model(uninterrupted), last_model(run))
