@@ -137,6 +137,14 @@ class TrainingRecipe(BaseModel):
     checkpoint_every_steps: NonNegativeInt = 0  # also checkpoint inside an epoch every N steps (0: off)
     keep_last: PositiveInt = 3  # periodic checkpoints kept (the best is always kept)
     eval_batch_size: BatchSize = 256
+    # continual learning (clip, fusion): tasks > 0 turns it on (mmkit.train.continual)
+    tasks: int = Field(default=0, ge=0, le=1000)  # class-incremental tasks; 0: ordinary training
+    classes_per_task: PositiveInt = 2
+    epochs_per_task: int = Field(default=10, gt=0, le=MAX_EPOCHS)
+    buffer_size: int = Field(default=500, ge=0, le=10_000_000)  # replay memory, samples
+    replay_ratio: float = Field(default=0.5, ge=0, lt=1)  # fraction of each batch drawn from memory
+    text_cache: bool = True  # encode each class prompt once per step, not once per sample
+    freeze_text_encoder: bool = False  # keep the text tower fixed (then prompts are encoded once)
 
 
 class TrainingPreset(TrainingRecipe):

@@ -118,11 +118,11 @@ def kill_on(call):  # SIGKILL: no handler, no cleanup, no flush -- exactly `kill
         os.kill(os.getpid(), signal.SIGKILL)
 
 if point == "before-step":  # before optimizer step number `at` (1-based) starts
-    step = loop._optimizer_step
-    def wrapped(*args, **kwargs):
+    step = loop.StepRunner.step
+    def wrapped(self, *args, **kwargs):
         kill_on(None)
-        return step(*args, **kwargs)
-    loop._optimizer_step = wrapped
+        return step(self, *args, **kwargs)
+    loop.StepRunner.step = wrapped
 elif point == "between-micro-batches":  # after the first micro-batch of a step, before the second
     micro = loop.training_step
     def wrapped(*args, **kwargs):
@@ -195,19 +195,19 @@ def test_signal_after_the_last_step_of_an_epoch_resumes_into_validation(
 ) -> None:
     import mmkit.train.loop as loop
 
-    real, calls = loop._optimizer_step, [0]
+    real, calls = loop.StepRunner.step, [0]
 
-    def optimizer_step(*args, **kwargs):
+    def optimizer_step(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 2 * 157:  # the last step of epoch 2 (5000 samples, batches of 32)
             os.kill(os.getpid(), signal.SIGTERM)  # caught by mmkit's handler after this step
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_optimizer_step", optimizer_step)
+    monkeypatch.setattr(loop.StepRunner, "step", optimizer_step)
     run = tmp_path / "R"
     result = runner.invoke(app, [*TRAIN, "--out", str(run)])
     assert result.exit_code == 143, result.output
-    monkeypatch.setattr(loop, "_optimizer_step", real)
+    monkeypatch.setattr(loop.StepRunner, "step", real)
     result = runner.invoke(app, ["resume", str(run)])
     assert result.exit_code == 0, result.output
     assert "after step 157 of 157" in result.output

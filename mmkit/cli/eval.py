@@ -12,6 +12,7 @@ from mmkit.cli.common import console, one_line_errors, print_json
 from mmkit.errors import MmkitError
 
 if TYPE_CHECKING:
+    from mmkit.train.continual_metrics import ContinualMetrics
     from mmkit.train.metrics import ClassificationMetrics
 
 
@@ -59,6 +60,11 @@ def eval_cli(
     document = metrics.as_dict(split) | {
         "run": str(run), "checkpoint": path.name, "epoch": trainer.get("epoch"), "data": data_spec,
     }
+    from mmkit.train.continual import read_continual_metrics
+
+    continual = read_continual_metrics(run)
+    if continual is not None:  # a continual run: the accuracy matrix and its figures, from history
+        document["continual"] = continual.as_dict()
     if plot is not None:
         from mmkit.train.loop import read_history
         from mmkit.train.plots import write_plots
@@ -68,6 +74,8 @@ def eval_cli(
         print_json(document)
     else:
         render_metrics(metrics, dataset.classes, f"{config.model} · {run} · {path.name} · {split} split ({data_spec})")
+        if continual is not None:
+            render_continual(continual)
         for p in document.get("plots", []):
             console.print(f"wrote {p}")
 
@@ -103,3 +111,20 @@ def render_metrics(metrics: ClassificationMetrics, classes: tuple[str, ...], tit
         recall = metrics.per_class_recall.get(name)
         matrix.add_row(f"{i} {name}", *cells, f"{recall:.3f}" if recall is not None else "-")
     console.print(matrix)
+
+
+def render_continual(metrics: ContinualMetrics) -> None:
+    """R[i][j] (after task i, test accuracy on task j), with the tasks not yet trained dimmed."""
+    table = Table(title="accuracy matrix R (rows: after training task i; columns: test accuracy on task j)",
+                  title_justify="left")
+    table.add_column("after \\ on")
+    for j in range(len(metrics.matrix)):
+        table.add_column(f"task {j + 1}", justify="right")
+    for i, row in enumerate(metrics.matrix):
+        table.add_row(f"task {i + 1}", *(f"{a:.3f}" if j <= i else f"[dim]{a:.3f}[/dim]" for j, a in enumerate(row)))
+    console.print(table)
+    console.print(
+        f"average accuracy {metrics.average_accuracy:.3f} · forgetting {metrics.forgetting:.3f} (Avalanche: "
+        f"when learned − final) · {metrics.forgetting_max:.3f} (max-based: best before − final) · "
+        f"BWT {metrics.bwt:+.3f}"
+    )

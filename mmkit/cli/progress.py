@@ -66,6 +66,15 @@ class RichReporter:
 
     def epoch_end(self, record: dict[str, Any]) -> None:
         self.progress.advance(self.epoch_task)
+        if "task" in record:  # continual learning: no validation split, a row of R at each task's end
+            line = (f"task {record['task']} · epoch {record['epoch']:>3} · train loss {record['train_loss']:.4f} · "
+                    f"{record['epoch_time']:.1f} s · {record['samples_per_s']:,.0f} samples/s")
+            if "accuracies" in record:
+                learned = record["accuracies"][: record["task"]]
+                line += (f" · test accuracy on tasks 1–{record['task']}: "
+                         f"{' '.join(f'{a:.3f}' for a in learned)} (mean {sum(learned) / len(learned):.3f})")
+            self.progress.console.print(line, highlight=False)
+            return
         self.progress.console.print(
             f"epoch {record['epoch']:>3} · train loss {record['train_loss']:.4f} · val loss {record['val_loss']:.4f}"
             f" · val acc {record['val_accuracy']:.3f} · val UAR {record['val_uar']:.3f} · "

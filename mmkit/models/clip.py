@@ -336,6 +336,7 @@ class ClipOutput(NamedTuple):
 
 class ClipModel(MultimodalModel):
     config: ClipConfig
+    text_in_logits = False  # the class logits come from the image alone
 
     def __init__(self, config: ClipConfig) -> None:
         super().__init__(config)

@@ -83,6 +83,7 @@ class FusionOutput(NamedTuple):
 
 class FusionModel(MultimodalModel):
     config: FusionConfig
+    text_in_logits = True  # the fused CLS has read the sample's text
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__(config)
@@ -98,6 +99,10 @@ class FusionModel(MultimodalModel):
             "image": InputSpec((config.in_channels, config.image_size, config.image_size)),
             "text": InputSpec((config.context_length,), torch.long, high=config.vocab_size),
         }
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Unit-norm joint embeddings `[N, E]` of token ids `[N, L]`, as `text_embeds` in `forward`."""
+        return F.normalize(self.projection.text(self.text_encoder(text)), dim=-1)  # (N, E)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> FusionOutput:
         image_tokens = self.image_encoder.forward_tokens(image)  # (B, 1+N, D)

@@ -54,7 +54,7 @@ from mmkit.train.checkpoint import (
 from mmkit.train.config import RunConfig, write_json_atomic
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
 from mmkit.train.schedule import learning_rate
-from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
+from mmkit.train.step import AMP_DTYPES, ForwardLoss, build_grad_scaler, build_optimizer, training_step
 
 OutOfMemoryError = torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError on torch >= 2.5
 
@@ -278,6 +278,11 @@ def train_run(
     """
     stop = _StopRequest()
     with stop.installed():
+        if config.training.tasks:  # class-incremental continual learning
+            from mmkit.train.continual import train_continual
+
+            return train_continual(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(),
+                                   dataset, stop)
         return _train(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(), dataset, stop)
 
 
@@ -295,7 +300,6 @@ def _train(
     train_idx = train_indices(config, dataset)
     val_idx = dataset.indices("val")
     batch_size = int(recipe.batch_size)
-    micro_batches = min(recipe.grad_accum, batch_size)
     steps_per_epoch = num_batches(len(train_idx), batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     warmup_steps = round(recipe.warmup_fraction * total_steps)
@@ -306,6 +310,7 @@ def _train(
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     data_order = torch.Generator().manual_seed(recipe.seed)
+    runner = StepRunner(run_dir, config, model, optimizer, scaler, device, reporter)
     start_epoch, global_step, best_uar, best_epoch = 0, 0, -1.0, None
     history: list[dict[str, Any]] = []
 
@@ -313,26 +318,14 @@ def _train(
     resumed_from = None
     resume_batches, resume_partial = 0, (torch.zeros(()), 0)
     if resume:
-        checkpoint_dir, (model_state, tensors, trainer_json) = load_latest_intact(run_dir, reporter)
-        trainer = _trainer_state(trainer_json, checkpoint_dir)
-        if trainer.model != config.model:
-            raise MmkitError(
-                f"checkpoint {checkpoint_dir} belongs to model {trainer.model!r}, but the run is {config.model!r}"
-            )
-        load_model_state(model, model_state, checkpoint_dir / "model.safetensors")
-        load_optimizer_state(optimizer, tensors, trainer.optimizer, checkpoint_dir / "state.safetensors")
+        checkpoint_dir, trainer, tensors = restore_training_state(
+            run_dir, config, model, optimizer, scaler, data_order, reporter
+        )
         start_epoch, global_step = trainer.epoch, trainer.global_step
         resume_batches = trainer.batches_in_epoch
-        try:
-            if scaler is not None and trainer.scaler:
-                scaler.load_state_dict(trainer.scaler)
-            restore_rng_state(tensors)
-            data_order.set_state(tensors[DATA_GENERATOR_KEY])
-            if resume_batches:  # a mid-epoch checkpoint: replay the epoch's data order from its start
-                data_order.set_state(tensors[EPOCH_ORDER_KEY])
-                resume_partial = (tensors["progress.epoch_loss_sum"].reshape(()), trainer.epoch_samples_seen)
-        except (RuntimeError, ValueError, TypeError, KeyError) as error:
-            raise CheckpointError(f"{checkpoint_dir}: training state unusable ({error})") from None
+        if resume_batches:  # a mid-epoch checkpoint: replay the epoch's data order from its start
+            data_order.set_state(tensors[EPOCH_ORDER_KEY])
+            resume_partial = (tensors["progress.epoch_loss_sum"].reshape(()), trainer.epoch_samples_seen)
         best_uar, best_epoch = trainer.best_uar, trainer.best_epoch
         history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
         _write_history(run_dir, history)  # drop epochs the interrupted run logged after its checkpoint
@@ -368,28 +361,8 @@ def _train(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            while True:  # out of memory: retry the step with half the micro-batch
-                phase = _Phase()
-                try:
-                    step_loss = _optimizer_step(model, optimizer, scaler, inputs, labels, micro_batches,
-                                                config, device, phase)
-                    break
-                except OutOfMemoryError:
-                    if phase.name == "optimizer":
-                        raise RunStopped(
-                            f"CUDA out of memory in the optimizer step at step {global_step + 1}: the weights, "
-                            f"gradients and optimizer state alone do not fit, whatever the batch; pick a smaller "
-                            f"--size (see `mmkit memory-plan`); {_last_good(run_dir)}"
-                        ) from None
-                config, micro_batches = _back_off(run_dir, config, micro_batches, global_step + 1, optimizer,
-                                                  device, reporter)
-            if not torch.isfinite(step_loss) and scaler is None:
-                # (with fp16 the GradScaler has already skipped this step and lowered its scale)
-                raise RunStopped(
-                    f"loss is {step_loss.item()} at epoch {epoch + 1}, step {global_step + 1}; stopped before "
-                    f"any checkpoint with non-finite weights; {_last_good(run_dir)} (a lower lr than "
-                    f"{recipe.lr:g}{'' if config.precision == 'fp32' else ' or fp32'} may avoid it)"
-                )
+            step_loss = runner.step(inputs, labels, global_step + 1, f"epoch {epoch + 1}")
+            config = runner.config  # grad_accum may have grown after out of memory
             global_step += 1
             batches_done += 1
             n = labels.shape[0]
@@ -417,7 +390,7 @@ def _train(
             "epoch": epoch + 1, "step": global_step,
             "train_loss": (loss_sum / max(seen, 1)).item(), "val_loss": val_loss,
             "val_accuracy": val.accuracy, "val_uar": val.uar, "val_war": val.war,
-            "val_macro_f1": val.macro_f1, "lr": lr, "grad_accum": micro_batches, "epoch_time": epoch_time,
+            "val_macro_f1": val.macro_f1, "lr": lr, "grad_accum": runner.micro_batches, "epoch_time": epoch_time,
             "samples_per_s": seen / max(epoch_time, 1e-9),
         }
         is_best = val.uar > best_uar
@@ -456,56 +429,115 @@ class _Phase:
         self.name = name
 
 
-def _optimizer_step(
-    model: MultimodalModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-    inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, micro_batches: int, config: RunConfig,
-    device: torch.device, phase: _Phase,
-) -> torch.Tensor:
-    """One optimizer step over the batch, in `micro_batches` gradient-accumulation slices; the
-    batch's mean loss (CPU, float32)."""
-    recipe = config.training
-    n = labels.shape[0]
-    bounds = [round(i * n / micro_batches) for i in range(micro_batches + 1)]
-    step_loss = torch.zeros(())
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        if hi <= lo:
-            continue
-        micro = {k: v[lo:hi].to(device) for k, v in inputs.items()}
-        loss = training_step(
-            model, optimizer, micro, labels[lo:hi].to(device),
-            precision=config.precision, scaler=scaler, grad_clip=recipe.grad_clip,
-            contrastive_weight=recipe.contrastive_weight, label_smoothing=recipe.label_smoothing,
-            loss_scale=(hi - lo) / n, step_optimizer=i == micro_batches - 1 or hi == n, on_phase=phase,
-        )
-        step_loss += loss.float().cpu() * (hi - lo) / n
-    return step_loss
+class StepRunner:
+    """One optimizer step over a batch, in `grad_accum` micro-batches, with the safety rules of
+    every training loop: CUDA out of memory in forward/backward halves the micro-batch (and records
+    the doubled `grad_accum` in run.json); a non-finite loss without a GradScaler stops the run."""
 
+    def __init__(
+        self, run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None, device: torch.device, reporter: Reporter,
+        forward_loss: ForwardLoss | None = None,
+    ) -> None:
+        self.run_dir, self.config, self.model, self.optimizer = run_dir, config, model, optimizer
+        self.scaler, self.device, self.reporter, self.forward_loss = scaler, device, reporter, forward_loss
+        self.micro_batches = min(config.training.grad_accum, int(config.training.batch_size))
 
-def _back_off(
-    run_dir: Path, config: RunConfig, micro_batches: int, step: int, optimizer: torch.optim.Optimizer,
-    device: torch.device, reporter: Reporter,
-) -> tuple[RunConfig, int]:
-    """After out of memory in forward/backward: drop the partial gradients, double `grad_accum`
-    (halving the micro-batch; the batch per optimizer step is unchanged) and record it in run.json."""
-    optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    batch_size = int(config.training.batch_size)
-    micro = math.ceil(batch_size / micro_batches)
-    if micro <= 1:
-        raise RunStopped(
-            f"CUDA out of memory at step {step} even with a micro-batch of 1; pick a smaller --size or "
-            f"precision (see `mmkit memory-plan`); {_last_good(run_dir)}"
+    def step(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, step: int, where: str) -> torch.Tensor:
+        """Train on one batch; `step` (1-based) and `where` ("epoch 3") name it in messages."""
+        while True:  # out of memory: retry the step with half the micro-batch
+            phase = _Phase()
+            try:
+                loss = self._accumulate(inputs, labels, phase)
+                break
+            except OutOfMemoryError:
+                if phase.name == "optimizer":
+                    raise RunStopped(
+                        f"CUDA out of memory in the optimizer step at step {step}: the weights, gradients and "
+                        f"optimizer state alone do not fit, whatever the batch; pick a smaller --size (see "
+                        f"`mmkit memory-plan`); {_last_good(self.run_dir)}"
+                    ) from None
+            self._back_off(step)
+        if not torch.isfinite(loss) and self.scaler is None:
+            # (with fp16 the GradScaler has already skipped this step and lowered its scale)
+            recipe = self.config.training
+            raise RunStopped(
+                f"loss is {loss.item()} at {where}, step {step}; stopped before any checkpoint with "
+                f"non-finite weights; {_last_good(self.run_dir)} (a lower lr than {recipe.lr:g}"
+                f"{'' if self.config.precision == 'fp32' else ' or fp32'} may avoid it)"
+            )
+        return loss
+
+    def _accumulate(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, phase: _Phase) -> torch.Tensor:
+        """The batch in `micro_batches` gradient-accumulation slices; its mean loss (CPU, float32)."""
+        recipe = self.config.training
+        n, micro_batches = labels.shape[0], self.micro_batches
+        bounds = [round(i * n / micro_batches) for i in range(micro_batches + 1)]
+        step_loss = torch.zeros(())
+        for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            if hi <= lo:
+                continue
+            micro = {k: v[lo:hi].to(self.device) for k, v in inputs.items()}
+            loss = training_step(
+                self.model, self.optimizer, micro, labels[lo:hi].to(self.device),
+                precision=self.config.precision, scaler=self.scaler, grad_clip=recipe.grad_clip,
+                contrastive_weight=recipe.contrastive_weight, label_smoothing=recipe.label_smoothing,
+                loss_scale=(hi - lo) / n, step_optimizer=i == micro_batches - 1 or hi == n, on_phase=phase,
+                forward_loss=self.forward_loss,
+            )
+            step_loss += loss.float().cpu() * (hi - lo) / n
+        return step_loss
+
+    def _back_off(self, step: int) -> None:
+        """After out of memory in forward/backward: drop the partial gradients, double `grad_accum`
+        (halving the micro-batch; the batch per optimizer step is unchanged), record it in run.json."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        batch_size = int(self.config.training.batch_size)
+        micro = math.ceil(batch_size / self.micro_batches)
+        if micro <= 1:
+            raise RunStopped(
+                f"CUDA out of memory at step {step} even with a micro-batch of 1; pick a smaller --size or "
+                f"precision (see `mmkit memory-plan`); {_last_good(self.run_dir)}"
+            )
+        doubled = min(self.micro_batches * 2, batch_size)
+        training = self.config.training.model_copy(update={"grad_accum": doubled})
+        self.config = self.config.model_copy(update={"training": training})
+        self.config.save(self.run_dir)
+        self.reporter.message(
+            f"CUDA out of memory at step {step}: micro-batch {micro} → {math.ceil(batch_size / doubled)}, "
+            f"grad_accum {self.micro_batches} → {doubled}; the batch per optimizer step stays {batch_size} "
+            f"(run.json updated, resume keeps it)"
         )
-    doubled = min(micro_batches * 2, batch_size)
-    config = config.model_copy(update={"training": config.training.model_copy(update={"grad_accum": doubled})})
-    config.save(run_dir)
-    reporter.message(
-        f"CUDA out of memory at step {step}: micro-batch {micro} → {math.ceil(batch_size / doubled)}, "
-        f"grad_accum {micro_batches} → {doubled}; the batch per optimizer step stays {batch_size} "
-        f"(run.json updated, resume keeps it)"
-    )
-    return config, doubled
+        self.micro_batches = doubled
+
+def restore_training_state(
+    run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None, data_order: torch.Generator, reporter: Reporter,
+) -> tuple[Path, TrainerState, dict[str, torch.Tensor]]:
+    """Load the newest intact checkpoint into model, optimizer, scaler, every RNG and the data
+    order; return it with its (validated) trainer state and its state tensors."""
+    checkpoint_dir, (model_state, tensors, trainer_json) = load_latest_intact(run_dir, reporter)
+    trainer = _trainer_state(trainer_json, checkpoint_dir)
+    if trainer.model != config.model:
+        raise MmkitError(
+            f"checkpoint {checkpoint_dir} belongs to model {trainer.model!r}, but the run is {config.model!r}"
+        )
+    load_model_state(model, model_state, checkpoint_dir / "model.safetensors")
+    load_optimizer_state(optimizer, tensors, trainer.optimizer, checkpoint_dir / "state.safetensors")
+    required = [DATA_GENERATOR_KEY] + ([EPOCH_ORDER_KEY, "progress.epoch_loss_sum"] if trainer.batches_in_epoch else [])
+    try:
+        missing = [key for key in required if key not in tensors]
+        if missing:
+            raise KeyError(f"{', '.join(missing)} missing")
+        if scaler is not None and trainer.scaler:
+            scaler.load_state_dict(trainer.scaler)
+        restore_rng_state(tensors)
+        data_order.set_state(tensors[DATA_GENERATOR_KEY])
+    except (RuntimeError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{checkpoint_dir}: training state unusable ({error})") from None
+    return checkpoint_dir, trainer, tensors
 
 
 def load_latest_intact(run_dir: Path, reporter: Reporter) -> tuple[Path, tuple[Any, Any, dict[str, Any]]]:

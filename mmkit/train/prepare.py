@@ -16,7 +16,7 @@ import torch
 
 from mmkit.data.datasets import Dataset, load_dataset
 from mmkit.errors import MmkitError
-from mmkit.models.registry import apply_overrides, data_overrides, get_model_entry, size_config
+from mmkit.models.registry import apply_overrides, build_model, data_overrides, get_model_entry, size_config
 from mmkit.plan.memory import with_gradient_checkpointing
 from mmkit.settings import TrainingRecipe, resolve_training
 from mmkit.train.config import RunConfig
@@ -126,6 +126,13 @@ def prepare_run(
         batch_size = int(recipe.batch_size)
 
     resolved = recipe.model_copy(update={"batch_size": batch_size, "size": size_name})
+    if recipe.tasks:  # continual: the run's epochs are the whole stream's
+        with torch.device("meta"):
+            if not hasattr(build_model(entry, config), "encode_text"):
+                raise MmkitError(
+                    f"continual training needs an image-text model (clip, fusion); {model!r} is not one"
+                )
+        resolved = resolved.model_copy(update={"epochs": recipe.tasks * recipe.epochs_per_task})
     run_config = RunConfig(
         model=model, size=size_name, model_settings=config.model_dump(mode="json"), preset=preset,
         training=TrainingRecipe.model_validate(resolved.model_dump()), data=data_spec, data_seed=data_seed,

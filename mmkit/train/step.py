@@ -17,6 +17,7 @@ from mmkit.models.registry import logits_of
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 Phase = Callable[[str], None]
+ForwardLoss = Callable[[nn.Module, Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def _no_phase(_: str) -> None:
@@ -80,19 +81,24 @@ def training_step(
     loss_scale: float = 1.0,
     step_optimizer: bool = True,
     on_phase: Phase = _no_phase,
+    forward_loss: ForwardLoss | None = None,
 ) -> torch.Tensor:
     """Forward, loss, backward and (when `step_optimizer`) clip + step + zero_grad.
 
     `loss_scale` divides the loss for gradient accumulation (1 / accumulation steps); with
-    `step_optimizer=False` gradients accumulate and the optimizer is left alone.
+    `step_optimizer=False` gradients accumulate and the optimizer is left alone. `forward_loss`
+    replaces the forward pass and `compute_loss` (continual learning brings its own).
     Returns the (unscaled, detached) loss.
     """
     device_type = labels.device.type
     on_phase("forward")
     with torch.autocast(device_type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES):
-        output = model(**inputs)
-        loss = compute_loss(output, labels, contrastive_weight, label_smoothing)
-    del output
+        if forward_loss is not None:
+            loss = forward_loss(model, inputs, labels)
+        else:
+            output = model(**inputs)
+            loss = compute_loss(output, labels, contrastive_weight, label_smoothing)
+            del output
     on_phase("backward")
     scaled = loss * loss_scale
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
