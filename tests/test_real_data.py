@@ -236,7 +236,7 @@ def test_train_and_evaluate_multichannel_on_a_cifar10_folder(tmp_path: Path) -> 
     result = invoke("eval", str(run), "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n"] == 20
-    out = tmp_path / "cifar.safetensors"  # and the prepared file holds the same data
+    out = tmp_path / "prepared" / "cifar.safetensors"  # a new folder; the file holds the same data
     result = invoke("data", "prepare", str(root), "--format", "cifar10", "--out", str(out), "--val-fraction", "0.2")
     assert result.exit_code == 0, result.output
     info = json.loads(invoke("data", "info", str(out), "--json").stdout)
@@ -326,6 +326,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("nothing here")
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
     bad_name = tmp_path / "bad"
     write_tone_wav(bad_name / "03-01-09-01-01-01-01.wav", 440.0, seconds=0.1)
     cases = [
@@ -345,6 +347,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
          "--channel: not an option of the cifar10 format"),
         (("data", "prepare", str(bad_name), "--format", "ravdess", "--val-actors", "1-3", "--test-actors", "3-4",
           "--out", out), "actor 3 is in both the validation and the test actors"),
+        (("data", "prepare", str(archive), "--out", out), "is not a folder; extract the archive"),
+        (("data", "prepare", str(bad_name), "--format", "ravdess", "--hop-ms", "0.01", "--out", out),
+         "a 0.01 ms hop is less than one sample at 16000 Hz"),
         (("data", "info", str(tmp_path / "missing.safetensors")), "data file not found: "),
         (("data", "info", str(empty)), "no files of a known format"),
         (("train", "multichannel", "--data", str(tmp_path / "missing_dir/")), "data file not found"),

@@ -87,6 +87,7 @@ def prepare_cli(
     for note in dataset.notes:
         if note not in shown:
             announce(note)
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")  # renamed into place only when complete
     save_tensor_file(partial, dataset.inputs, dataset.labels, dataset.classes, dataset.split, dataset.groups,
                      notes=dataset.notes)

@@ -51,6 +51,8 @@ class LogMelSettings:
             raise MmkitError(f"n_mels must be at least 1, got {self.n_mels}")
         if not 0 < self.hop_ms <= self.window_ms:
             raise MmkitError(f"hop ({self.hop_ms} ms) must be positive and at most the window ({self.window_ms} ms)")
+        if self.hop_length < 1:
+            raise MmkitError(f"a {self.hop_ms} ms hop is less than one sample at {self.sample_rate} Hz")
         if self.seconds <= 0:
             raise MmkitError(f"audio length must be positive, got {self.seconds} s")
         if self.frames < 1:
@@ -78,9 +80,10 @@ class LogMelSettings:
 
     def describe(self) -> str:
         return (
-            f"audio: mono, {self.sample_rate} Hz, log-mel {self.n_mels} bands (Slaney scale and norm), "
-            f"{self.window_ms:g} ms Hann window, {self.hop_ms:g} ms hop, {self.n_fft}-point FFT, "
-            f"top 80 dB; {self.seconds:g} s per clip (centre crop or zero pad) → [{self.frames}, {self.n_mels}]"
+            f"audio: mono, {self.sample_rate} Hz, log-mel {self.n_mels} bands from {self.f_min:g} to "
+            f"{self.sample_rate / 2 if self.f_max is None else self.f_max:g} Hz (Slaney scale and norm), "
+            f"{self.window_ms:g} ms Hann window, {self.hop_ms:g} ms hop, {self.n_fft}-point FFT, top {self.top_db:g} dB; "
+            f"{self.seconds:g} s per clip (centre crop or zero pad) → [{self.frames}, {self.n_mels}]"
         )
 
 

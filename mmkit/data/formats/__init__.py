@@ -71,7 +71,9 @@ def _source_folder(source: str | Path) -> Path:
     if not folder.exists():
         raise MmkitError(f"data folder not found: {source}")
     if not folder.is_dir():
-        raise MmkitError(f"{source} is not a folder; give the folder that holds the dataset's files")
+        archive = folder.name.endswith((".tar.gz", ".tgz", ".tar", ".zip"))
+        hint = "extract the archive and give the folder it makes" if archive else "give the folder that holds the dataset's files"
+        raise MmkitError(f"{source} is not a folder; {hint}")
     return folder
 
 
@@ -112,11 +114,11 @@ def prepare_source(
     folder = _source_folder(source)
     fmt = fmt or detect_format(folder)
     options = options or PrepareOptions()
-    stray = sorted(set(options.given()) - ACCEPTED_OPTIONS[fmt])
+    given = options.given()
+    stray = sorted(set(given) - ACCEPTED_OPTIONS[fmt])
     if stray:
         raise MmkitError(f"{', '.join(option_flag(o) for o in stray)}: not an option of the {fmt} format")
     name = str(source) if name is None else name
-    given = options.given()
     if fmt == "cifar10":
         from mmkit.data.formats.cifar10 import read_cifar10
 
