@@ -47,8 +47,8 @@ def invoke(*args: str):
 def one_line_exit_2(result, expected: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("mmkit: error: ") and expected in lines[0], result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
 
 
 # --- RAVDESS ------------------------------------------------------------------------------------
@@ -350,6 +350,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         (("data", "prepare", str(archive), "--out", out), "is not a folder; extract the archive"),
         (("data", "prepare", str(bad_name), "--format", "ravdess", "--hop-ms", "0.01", "--out", out),
          "a 0.01 ms hop is less than one sample at 16000 Hz"),
+        (("data", "prepare", str(empty)), "Missing option '--out'"),
         (("data", "info", str(tmp_path / "missing.safetensors")), "data file not found: "),
         (("data", "info", str(empty)), "no files of a known format"),
         (("train", "multichannel", "--data", str(tmp_path / "missing_dir/")), "data file not found"),
