@@ -29,12 +29,10 @@ from mmkit.errors import MmkitError
 
 T = TypeVar("T")
 Track = Callable[[Sequence[T], str], Iterable[T]]  # wraps a sequence with a progress display
+Announce = Callable[[str], None]  # shows a note as soon as it is known (the split, before decoding)
 MODALITIES = ("audio", "video")
 MEDIA_SUFFIXES = WAV_SUFFIXES + VIDEO_SUFFIXES
 IGNORED_FOLDERS = ("__MACOSX",)  # macOS archive metadata
-
-
-Announce = Callable[[str], None]  # shows a note as soon as it is known (e.g. the split, before decoding)
 
 
 def no_progress(items: Sequence[T], description: str) -> Iterable[T]:
