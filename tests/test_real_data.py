@@ -293,6 +293,16 @@ def test_train_and_evaluate_clip_on_a_fashion_mnist_folder(tmp_path: Path) -> No
     assert json.loads(result.stdout)["n"] == 10
 
 
+def test_continual_learning_on_a_fashion_mnist_folder(tmp_path: Path) -> None:
+    root = write_fashion_mnist(tmp_path / "fashion", gz=False)
+    run = tmp_path / "continual"
+    result = invoke("train", "clip", "--preset", "continual-fast", "--data", str(root), "--set", "epochs_per_task=1",
+                    "--batch-size", "16", "--device", "cpu", "--out", str(run))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 10  # the official t10k images
+
+
 def test_bad_idx_files_name_the_problem(tmp_path: Path) -> None:
     root = write_fashion_mnist(tmp_path / "fashion", gz=False)
     labels = root / "train-labels-idx1-ubyte"
