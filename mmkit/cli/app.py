@@ -10,7 +10,7 @@ import typer.core
 from typer.core import TyperGroup
 
 from mmkit import __version__
-from mmkit.cli import compare, count, eval, memory_plan, train
+from mmkit.cli import compare, count, data, eval, memory_plan, train
 
 # Typer >= 0.20 vendors click as typer._click; older releases use click itself.
 click: Any = getattr(typer.core, "_click", None) or __import__("click")
@@ -54,6 +54,7 @@ app.command(name="train")(train.train_cli)
 app.command(name="resume")(train.resume_cli)
 app.command(name="eval")(eval.eval_cli)
 app.command(name="compare")(compare.compare_cli)
+app.add_typer(data.data_app, name="data")
 
 
 def _print_version(value: bool) -> None:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +35,7 @@ class Dataset:
     split   uint8 [N]: 0 train, 1 val, 2 test
     groups  int64 [N] (e.g. the actor of each clip) or None
     classes the class names, indexed by label
+    notes   how the data was made, for people: source, split rule, features (`mmkit data info`)
     """
 
     name: str
@@ -42,6 +44,7 @@ class Dataset:
     split: torch.Tensor
     groups: torch.Tensor | None
     classes: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = self.labels.shape[0] if self.labels.dim() == 1 else -1
@@ -92,7 +95,8 @@ _BUILTIN_CACHE: dict[tuple[str, int], Dataset] = {}  # (name, seed) → generate
 
 
 def load_dataset(spec: str, seed: int = 0) -> Dataset:
-    """A built-in dataset by name (generated from `seed`, cached) or a `.safetensors` tensor file.
+    """A built-in dataset by name (generated from `seed`, cached), a `.safetensors` tensor file, or
+    a folder of a small real dataset in its official format (`mmkit.data.formats`).
 
     A built-in name always wins over a file of the same name in the working directory. `seed`
     only affects the built-ins; a tensor file without a `split` tensor gets the same inferred
@@ -110,12 +114,16 @@ def load_dataset(spec: str, seed: int = 0) -> Dataset:
     from mmkit.data.tensorfile import read_tensor_file  # imported late: tensorfile imports Dataset
 
     path = Path(spec).expanduser()
+    if path.is_dir():  # a real dataset in its official format, read as it is (CIFAR-10, Fashion-MNIST)
+        from mmkit.data.formats import load_source_folder
+
+        return load_source_folder(spec)
     if path.exists() or _looks_like_path(spec):
         return read_tensor_file(spec)  # raises "data file not found: ..." when it is missing
     valid = ", ".join(sorted(BUILTIN_DATASETS))
     raise MmkitError(
         f"unknown dataset {spec!r} (no built-in of that name and no such file); "
-        f"valid: {valid}, or a path to a .safetensors tensor file"
+        f"valid: {valid}, a path to a .safetensors tensor file, or a CIFAR-10 or Fashion-MNIST folder"
     )
 
 
@@ -164,6 +172,49 @@ def stratified_subset(
         keep = min(count, max(1, round(fraction * count)))
         kept.append(members[torch.randperm(count, generator=generator)[:keep]])
     return torch.cat(kept).sort().values
+
+
+def standardize_(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """In place: one mean and one std for the whole input, from the train samples (`train` is a
+    boolean mask or indices). Every float input of the built-ins and the real formats is made so."""
+    reference = x[train]
+    mean, std = reference.mean(), reference.std()
+    return x.sub_(mean).div_(std)
+
+
+def summarize(dataset: Dataset) -> dict[str, Any]:
+    """What `mmkit data info` shows, as one JSON-ready document.
+
+    `counts[split][class]` per split and class; `groups[group][split]` per group (e.g. actor) and
+    split, and `groups_in_several_splits` (empty for an actor-independent split); both None when the
+    dataset has no groups.
+    """
+    counts = {}
+    for split in SPLITS:
+        per_class = torch.bincount(dataset.labels[dataset.indices(split)], minlength=dataset.num_classes)
+        counts[split] = dict(zip(dataset.classes, per_class.tolist(), strict=True))
+    groups, shared = None, None
+    if dataset.groups is not None:
+        groups = {}
+        for group in torch.unique(dataset.groups, sorted=True).tolist():
+            members = dataset.split[dataset.groups == group]
+            groups[str(group)] = {split: int((members == code).sum()) for split, code in SPLIT_CODES.items()}
+        shared = [group for group, per_split in groups.items() if sum(n > 0 for n in per_split.values()) > 1]
+    return {
+        "name": dataset.name,
+        "n": len(dataset),
+        "classes": list(dataset.classes),
+        "splits": {split: len(dataset.indices(split)) for split in SPLITS},
+        "inputs": {
+            key: {"shape": list(tensor.shape[1:]), "dtype": str(tensor.dtype).removeprefix("torch.")}
+            for key, tensor in dataset.inputs.items()
+        },
+        "counts": counts,
+        "groups": groups,
+        "groups_in_several_splits": shared,
+        "notes": list(dataset.notes),
+        "bytes": dataset.nbytes(),
+    }
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:

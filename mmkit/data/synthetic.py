@@ -69,7 +69,8 @@ from contextlib import contextmanager
 import torch
 
 from mmkit.data.catalog import BUILTIN_DATASETS, CIFAR_CLASSES, FASHION_CLASSES, RAVDESS_EMOTIONS
-from mmkit.data.datasets import Dataset
+from mmkit.data.datasets import Dataset, standardize_
+from mmkit.data.formats.cifar10 import luma
 from mmkit.data.tokenizer import encode_batch
 
 CLASS_PROMPTS: tuple[str, ...] = tuple(f"a photo of a {name}" for name in FASHION_CLASSES)
@@ -118,13 +119,6 @@ def _balanced_labels(sizes: tuple[int, ...], num_classes: int, generator: torch.
         labels.append((torch.arange(n) % num_classes)[torch.randperm(n, generator=generator)])
         split.append(torch.full((n,), code, dtype=torch.uint8))
     return torch.cat(labels), torch.cat(split)
-
-
-def _standardize_(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
-    """In place: one mean and one std for the whole input, from the train samples."""
-    reference = x[train]
-    mean, std = reference.mean(), reference.std()
-    return x.sub_(mean).div_(std)
 
 
 def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -206,11 +200,11 @@ def make_synthetic_cifar(seed: int) -> Dataset:
         rows = slice(start, start + RENDER_CHUNK)
         image[rows] = _render_cifar({key: value[rows] for key, value in looks.items()})
     image.add_(CIFAR_NOISE * torch.randn(image.shape, generator=generator)).clamp_(0, 1)
-    luma = 0.299 * image[:, 0] + 0.587 * image[:, 1] + 0.114 * image[:, 2]  # (N, H, W)
+    brightness = luma(image)  # (N, H, W)
     train = split == 0
     inputs = {
-        "color": _standardize_(image.reshape(n, 3 * size * size), train),
-        "brightness": _standardize_(luma.reshape(n, size * size), train),
+        "color": standardize_(image.reshape(n, 3 * size * size), train),
+        "brightness": standardize_(brightness.reshape(n, size * size), train),
     }
     return Dataset("synthetic-cifar", inputs, labels, split, None, CIFAR_CLASSES)
 
@@ -501,7 +495,7 @@ def make_synthetic_av(seed: int) -> Dataset:
     audio = _synth_audio(labels, strength, actor, syllable_rate, syllable_phase, generator)
     video = _synth_video(labels, strength, actor, syllable_rate, syllable_phase, generator)
     train = split == 0
-    inputs = {"audio": _standardize_(audio, train), "video": _standardize_(video, train)}
+    inputs = {"audio": standardize_(audio, train), "video": standardize_(video, train)}
     return Dataset("synthetic-av", inputs, labels, split, actors.to(torch.int64), RAVDESS_EMOTIONS)
 
 
@@ -706,10 +700,10 @@ def fashion_captions(labels: torch.Tensor, generator: torch.Generator) -> list[s
         FASHION_CLASSES[label] if m < TRUE_NAME_FRACTION
         else FASHION_CLASSES[other] if m < TRUE_NAME_FRACTION + WRONG_NAME_FRACTION
         else GENERIC_NOUNS[g]
-        for label, m, other, g in zip(labels.tolist(), mode.tolist(), wrong.tolist(), generic.tolist())
+        for label, m, other, g in zip(labels.tolist(), mode.tolist(), wrong.tolist(), generic.tolist(), strict=False)
     ]
     captions = []
-    for noun, shape, c, p, m, s in zip(nouns, template.tolist(), *(words[k].tolist() for k in words)):
+    for noun, shape, c, p, m, s in zip(nouns, template.tolist(), *(words[k].tolist() for k in words), strict=False):
         colour, pattern, material, season = COLOURS[c], PATTERNS[p], MATERIALS[m], SEASONS[s]
         candidates = (  # richest first; the first that fits is used
             (f"{colour} {pattern} {material} {noun}", f"{colour} {material} {noun}", f"{colour} {noun}"),
@@ -727,7 +721,7 @@ def make_synthetic_fashion(seed: int) -> Dataset:
     labels, split = _balanced_labels(_split_sizes("synthetic-fashion"), len(FASHION_CLASSES), generator)
     image = _render_fashion(labels, generator)
     text = encode_batch(fashion_captions(labels, generator), CAPTION_CONTEXT_LENGTH)
-    inputs = {"image": _standardize_(image, split == 0), "text": text}
+    inputs = {"image": standardize_(image, split == 0), "text": text}
     return Dataset("synthetic-fashion", inputs, labels, split, None, FASHION_CLASSES)
 
 

@@ -9,6 +9,8 @@ Tensors (all with the same first dimension N):
 Metadata (safetensors' string → string header):
     classes  a JSON list of class names, indexed by label. Without it the classes are named
              "0", "1", ... up to the largest label.
+    notes    optional JSON list of lines for people: where the data came from, how it was split
+             and featurised (`mmkit data prepare` writes them, `mmkit data info` shows them)
 
 Without a `split` tensor the reader makes a stratified 80/10/10 train/val/test split, seeded with
 `INFERRED_SPLIT_SEED` (so every run on the file sees the same split): per class, a seeded
@@ -34,6 +36,7 @@ LABEL_KEY = "label"
 SPLIT_KEY = "split"
 GROUP_KEY = "group"
 CLASSES_KEY = "classes"
+NOTES_KEY = "notes"
 RESERVED_KEYS = (LABEL_KEY, SPLIT_KEY, GROUP_KEY)
 INFERRED_SPLIT_SEED = 0
 INFERRED_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test
@@ -46,6 +49,7 @@ def save_tensor_file(
     classes: Sequence[str],
     split: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    notes: Sequence[str] = (),
 ) -> None:
     """Write a tensor file that `read_tensor_file` reads back into equal tensors."""
     path = Path(path)
@@ -60,7 +64,10 @@ def save_tensor_file(
         tensors[GROUP_KEY] = torch.as_tensor(groups).to(torch.int64)
     tensors = _own_storage(tensors)
     _validate(path, tensors, tuple(classes))  # never write a file the reader would refuse
-    save_file(tensors, str(path), metadata={CLASSES_KEY: json.dumps(list(classes))})
+    metadata = {CLASSES_KEY: json.dumps(list(classes))}
+    if notes:
+        metadata[NOTES_KEY] = json.dumps(list(notes))
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def read_tensor_file(path: str | Path) -> Dataset:
@@ -88,7 +95,8 @@ def read_tensor_file(path: str | Path) -> Dataset:
     split = _inferred_split(labels) if split is None else split.to(torch.uint8)
     groups = tensors.pop(GROUP_KEY, None)
     groups = None if groups is None else groups.to(torch.int64)
-    return Dataset(name=shown, inputs=tensors, labels=labels, split=split, groups=groups, classes=classes)
+    return Dataset(name=shown, inputs=tensors, labels=labels, split=split, groups=groups, classes=classes,
+                   notes=_read_notes(shown, metadata))
 
 
 def _own_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,6 +131,19 @@ def _read_classes(
     if len(set(classes)) != len(classes):
         raise MmkitError(f"data file {shown}: metadata 'classes' has repeated names")
     return tuple(classes)
+
+
+def _read_notes(shown: str, metadata: Mapping[str, str]) -> tuple[str, ...]:
+    raw = metadata.get(NOTES_KEY)
+    if raw is None:
+        return ()
+    try:
+        notes = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise MmkitError(f"data file {shown}: metadata 'notes' is not valid JSON ({exc})") from None
+    if not isinstance(notes, list) or not all(isinstance(line, str) for line in notes):
+        raise MmkitError(f"data file {shown}: metadata 'notes' must be a JSON list of strings")
+    return tuple(notes)
 
 
 def _validate(shown: str | Path, tensors: Mapping[str, torch.Tensor], classes: tuple[str, ...]) -> None:
