@@ -189,6 +189,10 @@ def test_crema_d_prepare_maps_emotions_and_splits_by_actor(tmp_path: Path) -> No
         order = torch.argsort(dataset.labels[mine])
         assert dataset.labels[mine][order].tolist() == list(range(6))
         assert (loudest_band[mine][order].diff() > 0).all()
+    info = json.loads(invoke("data", "info", str(out), "--json").stdout)
+    assert info["splits"] == {"train": 12, "val": 6, "test": 6}
+    assert info["counts"]["val"] == {name: 1 for name in dataset.classes}
+    assert info["groups_in_several_splits"] == []
 
 
 def test_crema_d_with_video_skips_takes_without_one(tmp_path: Path) -> None:
@@ -280,6 +284,19 @@ def test_fashion_mnist_idx_images_labels_and_prompts(tmp_path: Path, gz: bool) -
     for i in range(len(dataset)):
         text = decode(dataset.inputs["text"][i])
         assert text == (CLASS_PROMPTS[int(dataset.labels[i])] if dataset.split[i] == 0 else NEUTRAL_PROMPT)
+
+
+def test_fashion_mnist_prepare_then_info_counts(tmp_path: Path) -> None:
+    root = write_fashion_mnist(tmp_path / "fashion", gz=True)
+    out = tmp_path / "fashion.safetensors"
+    result = invoke("data", "prepare", str(root), "--format", "fashion-mnist", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    info = json.loads(invoke("data", "info", str(out), "--json").stdout)
+    assert info["splits"] == {"train": 20, "val": 10, "test": 10}
+    assert info["counts"]["train"] == {name: 2 for name in FASHION_CLASSES}
+    assert info["inputs"]["image"] == {"shape": [1, 28, 28], "dtype": "float32"}
+    table = invoke("data", "info", str(out))
+    assert table.exit_code == 0 and "sneaker" in table.stdout.lower()
 
 
 def test_train_and_evaluate_clip_on_a_fashion_mnist_folder(tmp_path: Path) -> None:
