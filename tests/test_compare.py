@@ -61,12 +61,19 @@ def test_markdown_is_the_same_table(defaults: tuple[dict, Path]) -> None:
     assert f"{accuracy['mean']:.4f} ± {accuracy['std']:.4f}" in text
 
 
+def without_wall_times(learning: dict) -> dict:
+    """The learning block less its wall-clock times, the only figures that may differ between runs."""
+    runs = [{k: v for k, v in run.items() if k != "train_seconds"} for run in learning["runs"]]
+    return {**{k: v for k, v in learning.items() if k != "train_seconds"}, "runs": runs}
+
+
 def test_static_and_learning_numbers_repeat_exactly() -> None:
     args = ("multichannel", "separate", "--seeds", "2", "--epochs", "1")
     first, second = compare_json(*args), compare_json(*args)
     for side in ("a", "b"):
         assert first[side]["static"] == second[side]["static"]
-        assert first[side]["learning"] == second[side]["learning"]
+        assert without_wall_times(first[side]["learning"]) == without_wall_times(second[side]["learning"])
+        assert all(run["train_seconds"] > 0 for run in first[side]["learning"]["runs"])
 
 
 def test_static_only_for_two_sizes_of_one_family() -> None:
@@ -101,3 +108,28 @@ def test_independent_mode_runs_end_to_end() -> None:
     doc = compare_json("multichannel", "separate", "--separate-mode", "independent", "--seeds", "1", "--epochs", "1")
     assert doc["settings"]["separate_mode"] == "independent"
     assert "one seed only" in doc["verdict"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("clip@", "fusion"), "expected MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET"),
+    (("clip@continual@fast", "fusion"), "expected MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET"),
+    (("clip@no-such-preset", "fusion", "--epochs", "0"), "no-such-preset"),
+    (("multichannel", "separate", "--set", "model.hidden=[8]"), "compare --set takes training settings only"),
+    (("multichannel", "separate", "--batch-size", "8", "--set", "batch_size=16"), "'batch_size' given both"),
+])
+def test_bad_specs_and_settings_are_one_line(args: tuple[str, ...], message: str) -> None:
+    result = runner.invoke(app, ["compare", *args])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_each_side_may_bring_its_own_recipe(tmp_path: Path) -> None:
+    markdown = tmp_path / "table.md"
+    doc = compare_json("multichannel@quick", "separate@half-data", "--epochs", "0", "--markdown", markdown)
+    assert doc["settings"]["a"] == "multichannel@quick" and doc["settings"]["presets"] == ["quick", "half-data"]
+    assert doc["settings"]["same_recipe"] is False
+    assert (doc["a"]["recipe"]["precision"], doc["b"]["recipe"]["precision"]) == ("fp32", "bf16")  # fp16 → bf16 on a CPU
+    assert doc["settings"]["precision"] is None  # the sides differ: see each side's recipe
+    text = markdown.read_text()
+    assert "| recipe (preset, batch, precision) | quick, batch 32, fp32 | half-data, batch 32, bf16 |  |" in text
+    assert "memory (simulated, each side's batch and precision" in text

@@ -136,3 +136,27 @@ def test_continual_needs_an_image_text_model(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "multichannel", "--preset", "continual", "--out", str(tmp_path / "X")])
     assert result.exit_code == 2
     assert "continual training needs an image-text model" in result.stderr
+
+
+@pytest.mark.slow
+def test_compare_runs_clip_and_fusion_through_the_same_stream(tmp_path: Path) -> None:
+    markdown = tmp_path / "table.md"
+    result = runner.invoke(app, [
+        "compare", "clip", "fusion", "--size", "w64", "--preset", "continual", "--seeds", "1", "--batch-size", "32",
+        "--set", "tasks=2", "--set", "epochs_per_task=1", "--set", "buffer_size=40", "--set", "precision=fp32",
+        "--set", "train_fraction=0.1", "--device", "cpu", "--json", "--markdown", str(markdown),
+    ])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["settings"]["set"]["tasks"] == 2
+    for side in ("a", "b"):
+        learning = doc[side]["learning"]
+        assert (learning["tasks"], learning["epochs_per_task"]) == (2, 1)
+        run = learning["runs"][0]
+        assert len(run["matrix"]) == 2 and len(run["matrix"][0]) == 2
+        first, final = run["matrix"][0][0], run["matrix"][1][0]
+        assert run["forgetting"] == pytest.approx(first - final)  # two tasks: both definitions agree
+        assert run["bwt"] == pytest.approx(final - first)
+        assert run["average_accuracy"] == pytest.approx(sum(run["matrix"][1]) / 2)
+    text = markdown.read_text()
+    assert "2 tasks × 1 epochs" in text and "| forgetting (first-learned − final), mean ± std |" in text

@@ -9,7 +9,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mmkit.cli.common import console, err_console, human_bytes, human_count, one_line_errors, print_json
+from mmkit.cli.common import (
+    console,
+    err_console,
+    human_bytes,
+    human_count,
+    one_line_errors,
+    parse_set_options,
+    print_json,
+)
 from mmkit.errors import MmkitError
 
 Row = tuple[str, str, str, str]  # label, A, B, A/B (a label alone is a section heading)
@@ -17,8 +25,8 @@ Row = tuple[str, str, str, str]  # label, A, B, A/B (a label alone is a section 
 
 @one_line_errors
 def compare_cli(
-    a: Annotated[str, typer.Argument(help="First model, MODEL or MODEL:SIZE.")],
-    b: Annotated[str, typer.Argument(help="Second model, MODEL or MODEL:SIZE.")],
+    a: Annotated[str, typer.Argument(help="First model: MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET.")],
+    b: Annotated[str, typer.Argument(help="Second model, the same forms.")],
     data: Annotated[str | None, typer.Option("--data", help="Data both models are trained on (default: A's).")] = None,
     size: Annotated[str | None, typer.Option("--size", "-s", help="Size for specs without :SIZE.")] = None,
     preset: Annotated[str, typer.Option("--preset", "-p", help="Training recipe for the learning block.")] = "quick",
@@ -31,8 +39,12 @@ def compare_cli(
     separate_mode: Annotated[str, typer.Option("--separate-mode", help="How `separate` trains: joint or independent.")] = "joint",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the table as Markdown to FILE.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a training setting for both, KEY=V (repeatable).")] = None,
 ) -> None:
-    """Compare two models on the same data: exact counts, simulated memory, measured speed and learning."""
+    """Compare two models on the same data: exact counts, simulated memory, measured speed and learning.
+
+    A spec is MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET (that side's own training recipe).
+    """
     from mmkit.plan.hardware import resolve_gpu
     from mmkit.train.compare import compare
 
@@ -45,7 +57,7 @@ def compare_cli(
         result = compare(
             a, b, data=data, size=size, preset=preset, batch_size=batch_size, epochs=epochs, seeds=seeds,
             precision=precision, gpu=gpu_preset, device=device, separate_mode=separate_mode,
-            progress=lambda text: status.update(text),
+            set_options=parse_set_options(set_), progress=lambda text: status.update(text),
         )
     rows = table_rows(result)
     if markdown is not None:
@@ -74,11 +86,25 @@ def _ratio(x: float, y: float) -> str:
     return f"{x / y:.3f}" if y else "-"
 
 
+def _recipe(side: dict[str, Any]) -> str:
+    r = side["recipe"]
+    return f"{r['preset']}, batch {r['batch_size']}, {r['precision']}"
+
+
+def _mean_std_row(label: str, a: dict[str, Any], b: dict[str, Any], fmt: str = ".4f") -> Row:
+    return (label, f"{a['mean']:{fmt}} ± {a['std']:{fmt}}", f"{b['mean']:{fmt}} ± {b['std']:{fmt}}",
+            _ratio(a["mean"], b["mean"]))
+
+
 def table_rows(result: dict[str, Any]) -> list[Row]:
     s, a, b = result["settings"], result["a"], result["b"]
     sa, sb = a["static"], b["static"]
-    rows: list[Row] = [
-        ("static (exact)", "", "", ""),
+    same = s["batch_size"] is not None and s["precision"] is not None
+    at = f"batch {s['batch_size']}, {s['precision']}" if same else "each side's batch and precision"
+    rows: list[Row] = [("static (exact)", "", "", "")]
+    if not s["same_recipe"]:
+        rows.append(("recipe (preset, batch, precision)", _recipe(a), _recipe(b), ""))
+    rows += [
         ("size", sa["size"], sb["size"], ""),
         ("parameters", f"{sa['params']:,}", f"{sb['params']:,}", _ratio(sa["params"], sb["params"])),
         ("MACs / sample, forward", f"{sa['macs_per_sample']:,}", f"{sb['macs_per_sample']:,}",
@@ -87,7 +113,7 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
          human_count(sb["train_flops_per_sample"]), _ratio(sa["train_flops_per_sample"], sb["train_flops_per_sample"])),
         ("weights, fp32", human_bytes(sa["weights_bytes"]["fp32"]), human_bytes(sb["weights_bytes"]["fp32"]),
          _ratio(sa["weights_bytes"]["fp32"], sb["weights_bytes"]["fp32"])),
-        (f"memory (simulated, batch {s['batch_size']}, {s['precision']}, {s['gpu']})", "", "", ""),
+        (f"memory (simulated, {at}, {s['gpu']})", "", "", ""),
     ]
     for key, label in (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
                        ("activations", "activations"), ("other", "other (batch, temporaries)"),
@@ -100,20 +126,39 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
         rows.append((f"speed (measured on {s['device']}; median [p25–p75] of interleaved rounds)", "", "", ""))
         ta, tb = a["speed"]["train_step_seconds"], b["speed"]["train_step_seconds"]
         fmt_t = lambda q: f"{q['median'] * 1000:.2f} ms [{q['p25'] * 1000:.2f}–{q['p75'] * 1000:.2f}]"
-        rows.append((f"training step, batch {s['batch_size']}", fmt_t(ta), fmt_t(tb), _ratio(ta["median"], tb["median"])))
-        ia, ib = a["speed"]["inference_samples_per_s"], b["speed"]["inference_samples_per_s"]
         fmt_i = lambda q: f"{q['median']:,.0f}/s [{q['p25']:,.0f}–{q['p75']:,.0f}]"
+        step_label = f"training step, batch {s['batch_size']}" if same else "training step, each side's batch"
+        rows.append((step_label, fmt_t(ta), fmt_t(tb), _ratio(ta["median"], tb["median"])))
+        if not same:
+            qa, qb = a["speed"]["train_samples_per_s"], b["speed"]["train_samples_per_s"]
+            rows.append(("training throughput", fmt_i(qa), fmt_i(qb), _ratio(qa["median"], qb["median"])))
+        ia, ib = a["speed"]["inference_samples_per_s"], b["speed"]["inference_samples_per_s"]
         rows.append(("inference throughput", fmt_i(ia), fmt_i(ib), _ratio(ia["median"], ib["median"])))
         pa, pb = a["speed"]["measured_peak_tensors"], b["speed"]["measured_peak_tensors"]
         rows.append(("measured peak tensors, real step", f"{pa:,} B", f"{pb:,} B", _ratio(pa, pb)))
     if "learning" in a:
         la, lb = a["learning"], b["learning"]
-        rows.append((f"learning (measured; {s['seeds']} seeds × {s['epochs']} epochs, preset {s['preset']}, {s['data']})",
-                     "", "", ""))
+        if la["tasks"]:
+            length = (f"{la['tasks']} tasks × {la['epochs_per_task']} epochs" if
+                      (la["tasks"], la["epochs_per_task"]) == (lb["tasks"], lb["epochs_per_task"]) else
+                      "each side's tasks × epochs")
+        else:
+            length = f"{s['epochs']} epochs" if s["epochs"] is not None else "each side's epochs"
+        recipe = f"preset {s['preset']}" if s["same_recipe"] else "each side's preset"
+        rows.append((f"learning (measured; {s['seeds']} seeds × {length}, {recipe}, {s['data']})", "", "", ""))
+        rows.append(_mean_std_row("training time, s (wall)", la["train_seconds"], lb["train_seconds"], ".1f"))
+        if "peak_memory_allocated" in la:
+            ma, mb = la["peak_memory_allocated"]["mean"], lb["peak_memory_allocated"]["mean"]
+            rows.append(("peak CUDA memory allocated, training", human_bytes(int(ma)), human_bytes(int(mb)),
+                         _ratio(ma, mb)))
         for metric in ("accuracy", "uar"):
-            ma, mb = la[metric], lb[metric]
-            rows.append((f"test {metric}, mean ± std", f"{ma['mean']:.4f} ± {ma['std']:.4f}",
-                         f"{mb['mean']:.4f} ± {mb['std']:.4f}", _ratio(ma["mean"], mb["mean"])))
+            rows.append(_mean_std_row(f"test {metric}, mean ± std", la[metric], lb[metric]))
+        if "average_accuracy" in la and "average_accuracy" in lb:
+            for key, label in (("average_accuracy", "average accuracy over tasks"),
+                               ("forgetting", "forgetting (first-learned − final)"),
+                               ("forgetting_max", "forgetting (best earlier − final)"),
+                               ("bwt", "backward transfer")):
+                rows.append(_mean_std_row(f"{label}, mean ± std", la[key], lb[key]))
         rows.append(("test accuracy per seed", " ".join(f"{v:.3f}" for v in la["accuracy"]["values"]),
                      " ".join(f"{v:.3f}" for v in lb["accuracy"]["values"]), ""))
     return rows

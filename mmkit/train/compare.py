@@ -6,7 +6,13 @@ Three blocks:
 2. speed (measured): training steps and inference forwards timed A, B, A, B, … after warm-up,
    medians with their interquartile range and the ratio A/B; the real step's peak memory;
 3. learning (measured): each trained with the same data, recipe and seeds; test accuracy (UAR and
-   WAR too) per seed, mean ± std, and a verdict that says when a difference is within the spread.
+   WAR too) per seed, mean ± std, training wall time, and a verdict that says when a difference is
+   within the spread. For a continual recipe (`tasks` > 0) also average accuracy, forgetting (both
+   definitions) and backward transfer from each run's accuracy matrix.
+
+A spec may carry its own recipe, `MODEL[:SIZE][@PRESET]`, to compare two whole recipes (the third
+seed's before/after: `clip:baseline@continual-baseline clip:default@continual`); each side is then
+simulated, timed and trained at its own batch and precision, and the table says so.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from mmkit.models.registry import (
 from mmkit.plan.count import count_model
 from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_steps
 from mmkit.settings import GpuPreset, resolve_training
+from mmkit.train.continual import read_continual_metrics
 from mmkit.train.loop import train_run
-from mmkit.train.prepare import device_precision, prepare_run, resolve_device
+from mmkit.train.prepare import device_precision, prepare_run, resolve_device, split_set_options
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
@@ -48,17 +55,23 @@ INFERENCE_BATCH = 256
 class ModelSpec:
     name: str
     size: str | None
+    preset: str | None = None  # the spec's own recipe (`@PRESET`), else the command's --preset
 
     @property
     def label(self) -> str:
-        return f"{self.name}:{self.size}" if self.size else self.name
+        label = f"{self.name}:{self.size}" if self.size else self.name
+        return f"{label}@{self.preset}" if self.preset else label
 
 
 def parse_spec(text: str, default_size: str | None) -> ModelSpec:
-    """`lfm2:original` → (lfm2, original); `multichannel` → (multichannel, --size or default)."""
-    name, _, size = text.partition(":")
+    """`lfm2:original` → (lfm2, original); `multichannel` → (multichannel, --size or default);
+    `clip:baseline@continual-baseline` → (clip, baseline) trained with that preset."""
+    model, at, preset = text.partition("@")
+    if at and (not preset or "@" in preset):
+        raise MmkitError(f"model spec {text!r}: expected MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET")
+    name, _, size = model.partition(":")
     get_model_entry(name)  # clear error for an unknown model
-    return ModelSpec(name, size or default_size)
+    return ModelSpec(name, size or default_size, preset or None)
 
 
 def _quartiles(values: list[float]) -> dict[str, float]:
@@ -107,18 +120,20 @@ def _timed(device: torch.device, fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, batch_size: int,
-                precision: str, device: torch.device, seed: int) -> list[dict[str, Any]]:
+def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, batch_sizes: list[int],
+                precisions: list[str], device: torch.device, seed: int) -> list[dict[str, Any]]:
     """Interleaved timing: A, B, A, B, … so that drifts of the machine hit both alike."""
     train_idx = dataset.indices("train")
-    inputs, labels = next(iterate_batches(dataset, train_idx[:batch_size], batch_size, shuffle=False))
-    inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+    batches = []
+    for batch_size in batch_sizes:
+        inputs, labels = next(iterate_batches(dataset, train_idx[:batch_size], batch_size, shuffle=False))
+        batches.append(({k: v.to(device) for k, v in inputs.items()}, labels.to(device)))
     eval_idx = dataset.indices("test")[:INFERENCE_BATCH]
     eval_inputs, _ = next(iterate_batches(dataset, eval_idx, len(eval_idx), shuffle=False))
     eval_inputs = {k: v.to(device) for k, v in eval_inputs.items()}
 
     rigs = []
-    for spec, config in zip(specs, configs, strict=True):
+    for spec, config, precision in zip(specs, configs, precisions, strict=True):
         torch.manual_seed(seed)
         model = build_model(get_model_entry(spec.name), config).to(device).train()
         optimizer = build_optimizer(model, "adamw", 1e-3, 0.01)
@@ -127,11 +142,12 @@ def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, ba
 
     def train_step(i: int) -> Callable[[], None]:
         model, optimizer, scaler = rigs[i]
-        return lambda: training_step(model, optimizer, inputs, labels, precision=precision, scaler=scaler,
+        inputs, labels = batches[i]
+        return lambda: training_step(model, optimizer, inputs, labels, precision=precisions[i], scaler=scaler,
                                      grad_clip=1.0)
 
     def infer(i: int) -> Callable[[], None]:
-        model = rigs[i][0]
+        model, precision = rigs[i][0], precisions[i]
 
         def run() -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES.get(precision),
@@ -157,11 +173,13 @@ def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, ba
     for i, (spec, config) in enumerate(zip(specs, configs, strict=True)):
         peak = measure_training_steps(
             get_model_entry(spec.name), config,
-            StepSettings(batch_size=batch_size, precision=precision), device=str(device), steps=1,
+            StepSettings(batch_size=batch_sizes[i], precision=precisions[i]), device=str(device), steps=1,
         )
         throughput = [len(eval_idx) / t for t in infer_times[i]]
         blocks.append({
+            "batch_size": batch_sizes[i],
             "train_step_seconds": _quartiles(step_times[i]),
+            "train_samples_per_s": _quartiles([batch_sizes[i] / t for t in step_times[i]]),
             "inference_samples_per_s": _quartiles(throughput),
             "measured_peak_tensors": peak.peak_tensors,
             "peak_method": peak.method,
@@ -169,25 +187,44 @@ def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, ba
     return blocks
 
 
+CONTINUAL_FIGURES = ("average_accuracy", "forgetting", "forgetting_max", "bwt")
+
+
 def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, data: str, data_seed: int,
-                   seeds: list[int], epochs: int | None, batch_size: int | None, device: str,
+                   seeds: list[int], flags: dict[str, Any], training_sets: dict[str, Any], device: str,
                    dataset: Dataset, progress: Callable[[str], None]) -> dict[str, Any]:
     runs = []
+    peak_cuda = torch.device(device).type == "cuda"
     for seed in seeds:
         progress(f"training {spec.label}, seed {seed}")
         prepared = prepare_run(
             spec.name, preset=preset, data=data, data_seed=data_seed, device=device,
-            flags={"epochs": epochs, "batch_size": batch_size, "size": spec.size, "seed": seed},
-            set_options={f"model.{k}": v for k, v in model_sets.items()},
+            flags={**flags, "size": spec.size, "seed": seed},
+            set_options={**{f"model.{k}": v for k, v in model_sets.items()}, **training_sets},
         )
+        if peak_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         with tempfile.TemporaryDirectory(prefix="mmkit-compare-") as tmp:
+            start = time.perf_counter()
             outcome = train_run(Path(tmp) / "run", prepared.config, dataset=dataset)
+            seconds = time.perf_counter() - start
+            figures = read_continual_metrics(outcome.run_dir) if prepared.config.training.tasks else None
         test = outcome.test
-        runs.append({"seed": seed, "accuracy": test.accuracy, "uar": test.uar, "war": test.war,
-                     "macro_f1": test.macro_f1})
+        run = {"seed": seed, "accuracy": test.accuracy, "uar": test.uar, "war": test.war,
+               "macro_f1": test.macro_f1, "train_seconds": seconds}
+        if peak_cuda:
+            run["peak_memory_allocated"] = torch.cuda.max_memory_allocated(device)
+        if figures is not None:
+            run |= {key: figures.as_dict()[key] for key in CONTINUAL_FIGURES}
+            run["matrix"] = figures.matrix
+        runs.append(run)
+    metrics = ["accuracy", "uar", "war", "train_seconds"]
+    metrics += [m for m in ("peak_memory_allocated", *CONTINUAL_FIGURES) if m in runs[0]]
+    training = prepared.config.training
     return {
-        "runs": runs,
-        **{metric: _mean_std([r[metric] for r in runs]) for metric in ("accuracy", "uar", "war")},
+        "preset": preset, "batch_size": training.batch_size, "precision": prepared.config.precision,
+        "epochs": training.epochs, "tasks": training.tasks, "epochs_per_task": training.epochs_per_task,
+        "runs": runs, **{metric: _mean_std([r[metric] for r in runs]) for metric in metrics},
     }
 
 
@@ -212,15 +249,23 @@ def compare(
     a: str, b: str, *, data: str | None = None, size: str | None = None, preset: str = "quick",
     batch_size: int | None = None, epochs: int | None = None, seeds: int = 3, precision: str | None = None,
     gpu: GpuPreset, device: str = "auto", separate_mode: str = "joint", data_seed: int = 0,
-    progress: Callable[[str], None] = lambda _: None,
+    set_options: dict[str, Any] | None = None, progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     specs = [parse_spec(a, size), parse_spec(b, size)]
     entries = [get_model_entry(s.name) for s in specs]
     data_spec = data or entries[0].default_data
-    recipe = resolve_training(preset, {"epochs": epochs or None, "batch_size": batch_size, "precision": precision})
-    batch = int(recipe.batch_size) if recipe.batch_size != "auto" else 32
+    model_set_options, training_sets = split_set_options(set_options or {})
+    if model_set_options:
+        raise MmkitError("compare --set takes training settings only; model.* settings would differ per model")
+    flags = {"epochs": epochs or None, "batch_size": batch_size, "precision": precision}
+    twice = sorted(k for k, v in flags.items() if v is not None and k in training_sets)
+    if twice:
+        raise MmkitError(f"{twice[0]!r} given both as a flag and with --set; give it once")
+    presets = [spec.preset or preset for spec in specs]
+    recipes = [resolve_training(p, {**flags, **training_sets}) for p in presets]
+    batches = [int(r.batch_size) if r.batch_size != "auto" else 32 for r in recipes]
     device = resolve_device(device)
-    run_precision, _ = device_precision(recipe.precision, device)
+    precisions = [device_precision(r.precision, device)[0] for r in recipes]
 
     progress(f"loading {data_spec}")
     dataset = load_dataset(data_spec, seed=data_seed)
@@ -237,18 +282,23 @@ def compare(
         configs.append(apply_overrides(config, {**o, **sets}))
 
     progress("static: counting and simulating")
-    static = [static_block(s, o, c, batch, run_precision, gpu)
-              for s, o, c in zip(specs, overrides, configs, strict=True)]
+    static = [static_block(s, o, c, batch, prec, gpu)
+              for s, o, c, batch, prec in zip(specs, overrides, configs, batches, precisions, strict=True)]
+    same_recipe = presets[0] == presets[1]
     result: dict[str, Any] = {
         "settings": {
             "a": specs[0].label, "b": specs[1].label, "data": data_spec, "data_seed": data_seed,
-            "preset": preset, "batch_size": batch, "epochs": recipe.epochs if recipe.epochs else 0,
-            "seeds": seeds, "precision": run_precision, "device": device, "gpu": gpu.name,
+            "preset": preset, "presets": presets, "same_recipe": same_recipe,
+            "batch_size": batches[0] if batches[0] == batches[1] else None,  # None: see each side's recipe
+            "epochs": recipes[0].epochs if recipes[0].epochs else 0,
+            "seeds": seeds, "precision": precisions[0] if precisions[0] == precisions[1] else None,
+            "device": device, "gpu": gpu.name, "set": training_sets,
             "separate_mode": separate_mode if "separate" in (specs[0].name, specs[1].name) else None,
             "torch": torch.__version__,
         },
-        "a": {"model": specs[0].name, "static": static[0]},
-        "b": {"model": specs[1].name, "static": static[1]},
+        **{key: {"model": spec.name, "static": block,
+                 "recipe": {"preset": p, "batch_size": batch, "precision": prec}}
+           for key, spec, block, p, batch, prec in zip("ab", specs, static, presets, batches, precisions, strict=True)},
         "ratios": {
             "params": static[0]["params"] / static[1]["params"],
             "macs_per_sample": static[0]["macs_per_sample"] / static[1]["macs_per_sample"],
@@ -261,7 +311,7 @@ def compare(
         return result  # static only
 
     progress("speed: interleaved timing")
-    speed = speed_block(specs, configs, dataset, batch, run_precision, torch.device(device), recipe.seed)
+    speed = speed_block(specs, configs, dataset, batches, precisions, torch.device(device), recipes[0].seed)
     result["a"]["speed"], result["b"]["speed"] = speed
     result["ratios"]["train_step_time"] = (
         speed[0]["train_step_seconds"]["median"] / speed[1]["train_step_seconds"]["median"]
@@ -271,15 +321,19 @@ def compare(
     )
 
     seed_list = list(range(seeds))
-    for key, spec, sets in zip(("a", "b"), specs, model_sets, strict=True):
+    for key, spec, sets, spec_preset in zip(("a", "b"), specs, model_sets, presets, strict=True):
         result[key]["learning"] = learning_block(
-            spec, sets, preset=preset, data=data_spec, data_seed=data_seed, seeds=seed_list,
-            epochs=epochs, batch_size=batch_size, device=device, dataset=dataset, progress=progress,
+            spec, sets, preset=spec_preset, data=data_spec, data_seed=data_seed, seeds=seed_list,
+            flags=flags, training_sets=training_sets, device=device, dataset=dataset, progress=progress,
         )
+    la, lb = result["a"]["learning"], result["b"]["learning"]
+    result["settings"]["epochs"] = la["epochs"] if la["epochs"] == lb["epochs"] else None
+    for key, block in (("a", la), ("b", lb)):
+        result[key]["recipe"]["epochs"] = block["epochs"]
+    result["ratios"]["train_seconds"] = la["train_seconds"]["mean"] / lb["train_seconds"]["mean"]
     # imbalanced test classes (emotion data): judge by UAR, which weighs every class alike
     counts = torch.bincount(dataset.labels[dataset.indices("test")], minlength=dataset.num_classes)
     metric = "uar" if counts.max() != counts.min() else "accuracy"
     result["verdict_metric"] = metric
-    result["verdict"] = verdict(specs[0].label, specs[1].label, result["a"]["learning"],
-                                result["b"]["learning"], metric)
+    result["verdict"] = verdict(specs[0].label, specs[1].label, la, lb, metric)
     return result
