@@ -24,8 +24,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
+from mmkit.data.datasets import load_dataset
 from mmkit.errors import MmkitError
+from mmkit.models.registry import build_model
+from mmkit.train.config import RunConfig
 from mmkit.train.distributed import Launch, World, check_batch_split
+from mmkit.train.loop import evaluate_with_loss
 
 runner = CliRunner()
 
@@ -162,6 +166,23 @@ def test_two_processes_end_identical_and_match_one_process(single: Path, two: tu
     assert [r["step"] for r in history(run)] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert [r["world_size"] for r in history(run)] == [2, 2]
     assert json.loads((run / "run.json").read_text())["training"]["batch_size"] == 32  # global
+
+
+def test_sharded_evaluation_is_bitwise_the_one_process_evaluation(two: tuple[Path, Path]) -> None:
+    run, _ = two
+    config = RunConfig.load(run)
+    model = build_model(config.entry, config.model_config_object())
+    model.load_state_dict(last_model(run))  # the weights after the last epoch, which it validated
+    dataset = load_dataset(config.data, seed=config.data_seed)
+    val, val_loss = evaluate_with_loss(model, dataset, dataset.indices("val"), batch_size=256,
+                                       precision="fp32", device=torch.device("cpu"))
+    last = history(run)[-1]
+    assert (last["val_loss"], last["val_accuracy"], last["val_uar"]) == (val_loss, val.accuracy, val.uar)
+    # the final test of the best checkpoint (sharded, 2 processes) equals `mmkit eval` (1 process)
+    result = runner.invoke(app, ["eval", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    alone, sharded = json.loads(result.stdout), json.loads((run / "metrics.json").read_text())
+    assert alone["confusion_matrix"] == sharded["confusion_matrix"] and alone["uar"] == sharded["uar"]
 
 
 def test_only_rank_0_writes_and_the_run_directory_is_clean(single: Path, two: tuple[Path, Path]) -> None:
