@@ -41,7 +41,7 @@ STEPS_PER_EPOCH = 32
 TOLERANCE = 1e-4  # relative: weights (L2 over all of them) and per-epoch training losses
 
 SITECUSTOMIZE = r'''
-import os, signal, sys
+import os, signal, sys, time
 
 if "RANK" in os.environ and os.environ.get("DDP_TEST_OUT"):
     out, rank = os.environ["DDP_TEST_OUT"], int(os.environ["RANK"])
@@ -81,10 +81,21 @@ if "RANK" in os.environ and os.environ.get("DDP_TEST_OUT"):
     stop_at, stop_how = int(os.environ.get("DDP_TEST_STOP_AT", "0")), os.environ.get("DDP_TEST_STOP_HOW")
     real_step, calls = loop.StepRunner.step, [0]
 
+    real_handle, received = loop._StopRequest._handle, []
+
+    def handle(self, signum, frame):
+        received.append(signum)
+        real_handle(self, signum, frame)
+
+    loop._StopRequest._handle = handle
+
     def step(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == stop_at and stop_how == "sigterm-launcher" and rank == 0:
             os.kill(os.getppid(), signal.SIGTERM)  # the elastic agent: it passes SIGTERM on to both workers
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:  # so that the run stops after this step
+                time.sleep(0.01)
         if calls[0] == stop_at and stop_how == "kill-rank-1" and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, *args, **kwargs)
@@ -203,11 +214,12 @@ def test_only_rank_0_writes_and_the_run_directory_is_clean(single: Path, two: tu
 def test_sigterm_to_the_launcher_checkpoints_and_resumes_bitwise(tmp_path: Path, two: tuple[Path, Path]) -> None:
     run = tmp_path / "R"
     stopped = run_workers(mmkit(*TRAIN, "--out", str(run), "--nproc-per-node", "2"), run, tmp_path / "hooks",
-                          DDP_TEST_STOP_AT="40", DDP_TEST_STOP_HOW="sigterm-launcher")
+                          DDP_TEST_STOP_AT="43", DDP_TEST_STOP_HOW="sigterm-launcher")
     assert stopped.returncode == 143, stopped.stderr
     assert f"mmkit resume {run} --nproc-per-node 2" in words(stopped.stdout)
     trainer = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
-    assert trainer["batches_in_epoch"] > 0 and trainer["world_size"] == 2  # inside epoch 2
+    assert last_checkpoint(run).name == "step-00000043"  # SIGTERM arrived during step 43
+    assert trainer["batches_in_epoch"] == 43 - STEPS_PER_EPOCH and trainer["world_size"] == 2
     resumed = run_workers(mmkit("resume", str(run), "--nproc-per-node", "2"), run, tmp_path / "hooks2")
     assert resumed.returncode == 0, resumed.stderr
     # same world size: the same additions in the same order, so bitwise equal
