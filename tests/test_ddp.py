@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -250,6 +251,24 @@ def test_torchrun_kill_9_of_one_rank_stops_the_other_and_resumes_with_one_proces
     # not bitwise: one process adds the two halves' gradients in another order than DDP's all-reduce
     assert gap <= TOLERANCE and max(loss_gaps) <= TOLERANCE
     assert [r["world_size"] for r in history(run)] == [2, 1]
+
+
+def test_two_nodes_through_the_static_rendezvous(tmp_path: Path) -> None:
+    """The README's multi-node commands, with both "nodes" on this machine (one process each)."""
+    with socket.socket() as probe:  # a free port for node 0's rendezvous store
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "R"
+    command = mmkit("train", "multichannel", "--preset", "quick", "--epochs", "1", "--train-fraction", "0.1",
+                    "--out", str(run), "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", f"localhost:{port}")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
+    other = subprocess.Popen([*command, "--node-rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=environ)
+    first = subprocess.run([*command, "--node-rank", "0"], capture_output=True, text=True, env=environ, timeout=300)
+    out, _ = other.communicate(timeout=120)
+    assert first.returncode == 0 and other.returncode == 0, first.stderr
+    assert f"run saved in {run}" in words(first.stdout) and out == ""  # node 1's rank prints nothing
+    assert [r["world_size"] for r in history(run)] == [2]
 
 
 @pytest.mark.parametrize(
