@@ -236,8 +236,10 @@ def _save_training_checkpoint(
     run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None, data_order: torch.Generator, global_step: int,
     state: dict[str, Any], extra_tensors: dict[str, torch.Tensor], protect_best: bool,
+    cuda_device: int | None = None,
 ) -> Path:
     """Model, optimizer, scaler, every RNG and the data order; `last` points to the result.
+    `cuda_device`: a data-parallel process's GPU, the only one whose RNG state it saves.
 
     Never writes non-finite weights, and a failed write (e.g. a full disk) leaves the previous
     checkpoints and pointers as they were: the save is atomic and rotation runs only after it.
@@ -248,7 +250,7 @@ def _save_training_checkpoint(
         raise RunStopped(f"weight {bad!r} is not finite at step {global_step}; no checkpoint written; "
                          f"{_last_good(run_dir)}")
     tensors, optimizer_meta = optimizer_state_to_tensors(optimizer.state_dict())
-    tensors.update(rng_state_to_tensors())
+    tensors.update(rng_state_to_tensors(cuda_device=cuda_device))
     tensors[DATA_GENERATOR_KEY] = data_order.get_state()
     tensors.update(extra_tensors)
     trainer_state = {
@@ -332,6 +334,8 @@ def _train(
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     data_order = torch.Generator().manual_seed(recipe.seed)
+    # every rank draws from rank 0's random streams (saved in checkpoints, restored on all ranks)
+    cuda_device = device.index if world.distributed and device.type == "cuda" else None
     start_epoch, global_step, best_uar, best_epoch = 0, 0, -1.0, None
     history: list[dict[str, Any]] = []
 
@@ -340,7 +344,7 @@ def _train(
     resume_batches, resume_partial = 0, (torch.zeros(()), 0)
     if resume:
         checkpoint_dir, trainer, tensors = restore_training_state(
-            run_dir, config, model, optimizer, scaler, data_order, reporter
+            run_dir, config, model, optimizer, scaler, data_order, reporter, cuda_device
         )
         start_epoch, global_step = trainer.epoch, trainer.global_step
         resume_batches = trainer.batches_in_epoch
@@ -372,7 +376,7 @@ def _train(
         path = checkpoints_dir(run_dir) / step_dir_name(global_step)
         if world.is_main:
             path = _save_training_checkpoint(run_dir, config, model, optimizer, scaler, data_order, global_step,
-                                             state | {"world_size": world.size}, extra, protect_best)
+                                             state | {"world_size": world.size}, extra, protect_best, cuda_device)
         world.barrier()
         return path
 
@@ -584,6 +588,7 @@ class StepRunner:
 def restore_training_state(
     run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None, data_order: torch.Generator, reporter: Reporter,
+    cuda_device: int | None = None,
 ) -> tuple[Path, TrainerState, dict[str, torch.Tensor]]:
     """Load the newest intact checkpoint into model, optimizer, scaler, every RNG and the data
     order; return it with its (validated) trainer state and its state tensors."""
@@ -602,7 +607,7 @@ def restore_training_state(
             raise KeyError(f"{', '.join(missing)} missing")
         if scaler is not None and trainer.scaler:
             scaler.load_state_dict(trainer.scaler)
-        restore_rng_state(tensors)
+        restore_rng_state(tensors, cuda_device=cuda_device)
         data_order.set_state(tensors[DATA_GENERATOR_KEY])
     except (RuntimeError, ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{checkpoint_dir}: training state unusable ({error})") from None
