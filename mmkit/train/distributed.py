@@ -116,13 +116,6 @@ class World:
 SINGLE = World()
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel (or the model itself)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def no_sync(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Accumulate gradients locally, without the all-reduce (DDP), for non-final micro-batches."""
     from torch.nn.parallel import DistributedDataParallel
