@@ -164,13 +164,17 @@ def _interruptions(run_dir: Path, reporter: object, world: World | None = None) 
 
     try:
         yield
+        return
     except TrainingInterrupted as stop:
         if world is None or world.is_main:
             reporter.progress.stop()  # type: ignore[attr-defined]
             processes = f" --nproc-per-node {world.size}" if world is not None and world.distributed else ""
             console.print(f"{stop}; checkpoint {stop.checkpoint.name} written. "
                           f"Continue with: mmkit resume {run_dir}{processes}", soft_wrap=True)
-        raise typer.Exit(stop.exit_code) from None
+        code = stop.exit_code
+    # raised outside the handler, so that no traceback keeps the training loop's frames (and a
+    # data-parallel model holding the process group) alive
+    raise typer.Exit(code)
 
 
 def _finish_message(run_dir: Path, finished: bool, epochs_done: int) -> None:

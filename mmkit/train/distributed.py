@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -162,7 +163,11 @@ def process_group(device: str) -> Iterator[World]:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     try:
         yield World(rank, size, local_rank, backend)
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
+        # DDP's reducer holds the process group; free it (it sits in reference cycles) while the
+        # interpreter is fully alive, not during its finalization
+        gc.collect()
         dist.destroy_process_group()
 
 
