@@ -510,15 +510,18 @@ class StepRunner:
                 loss = self._accumulate(inputs, labels, phase, n * self.world.size / total)
                 break
             except OutOfMemoryError:
-                if phase.name == "optimizer" or self.world.distributed:
+                rank = f" on rank {self.world.rank}" if self.world.distributed else ""
+                if phase.name == "optimizer":
                     raise RunStopped(
-                        f"CUDA out of memory in the {phase.name} phase at step {step}"
-                        f"{f' on rank {self.world.rank}' if self.world.distributed else ''}: "
-                        + ("the weights, gradients and optimizer state alone do not fit, whatever the batch; pick "
-                           "a smaller --size (see `mmkit memory-plan`)" if phase.name == "optimizer" else
-                           "with several processes the micro-batch is not halved automatically; raise "
-                           "--set grad_accum=... (see `mmkit memory-plan --nproc`)")
-                        + f"; {_last_good(self.run_dir)}"
+                        f"CUDA out of memory in the optimizer step at step {step}{rank}: the weights, gradients and "
+                        f"optimizer state alone do not fit, whatever the batch; pick a smaller --size (see "
+                        f"`mmkit memory-plan`); {_last_good(self.run_dir)}"
+                    ) from None
+                if self.world.distributed:  # halving one rank's micro-batch alone would desynchronize DDP
+                    raise RunStopped(
+                        f"CUDA out of memory in the {phase.name} pass at step {step}{rank}; with several processes "
+                        f"the micro-batch is not halved automatically: raise --set grad_accum (see `mmkit "
+                        f"memory-plan --nproc`); {_last_good(self.run_dir)}"
                     ) from None
             self._back_off(step)
         if self.world.distributed:  # the global batch's mean: shares weighted by their size
