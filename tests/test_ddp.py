@@ -287,10 +287,10 @@ def test_bad_launch_options_are_one_line_before_any_process_starts(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
     run = tmp_path / "R"
-    done = subprocess.run(mmkit(*TRAIN, "--out", str(run), *args), capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr and not run.exists()
+    result = runner.invoke(app, [*TRAIN, "--out", str(run), *args])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not run.exists()
 
 
 def test_continual_refuses_several_processes(tmp_path: Path) -> None:
