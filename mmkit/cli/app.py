@@ -82,8 +82,12 @@ def main() -> None:
 
         if MmkitSettings().debug:
             raise
+        from mmkit.cli.launch import worker_rank
+        from mmkit.train.distributed import in_worker
+
+        rank = f"[rank {worker_rank()}] " if in_worker() else ""  # which process of a torchrun run
         print(
-            f"mmkit: internal error: {type(exc).__name__}: {exc} (set MMKIT_DEBUG=1 for the traceback)",
+            f"mmkit: internal error: {rank}{type(exc).__name__}: {exc} (set MMKIT_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         sys.exit(1)

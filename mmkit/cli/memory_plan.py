@@ -51,6 +51,10 @@ def memory_plan_cli(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a model setting: key=value (repeatable).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Take input shapes and classes from this data (as `train` does).")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on the local device and compare.")] = False,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="Data-parallel processes (one GPU each): --batch-size is global, each "
+                          "process plans its share, plus DDP's gradient buckets.")
+    ] = 1,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Simulate training memory by category on fake tensors and fit size and batch to a GPU."""
@@ -115,6 +119,7 @@ def memory_plan_cli(
         train_fraction=recipe.train_fraction,
         measure=measure,
         notes=notes,
+        nproc=nproc,
     )
     if json_output:
         doc = plan.as_dict()
@@ -155,14 +160,16 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
     auto = lambda flag: " [dim](auto)[/dim]" if flag else ""
     console.print(
         f"[bold]{fit.entry.name}[/bold] · size [bold]{fit.size}[/bold]{auto(fit.auto_size)} · "
-        f"batch [bold]{fit.batch_size}[/bold]{auto(fit.auto_batch)} · {plan.precision}"
+        f"batch [bold]{plan.batch_size}[/bold]{auto(fit.auto_batch)}"
+        f"{f' ({fit.batch_size} per process × {plan.nproc} processes)' if plan.nproc > 1 else ''} · {plan.precision}"
         f"{' autocast' if plan.precision != 'fp32' else ''} · {plan.optimizer}"
         f"{' · gradient checkpointing' if plan.gradient_checkpointing else ''} · preset {preset}"
     )
     console.print(f"on {gpu.display_name}: {human_bytes(gpu.vram_bytes)}, budget {human_bytes(budget)} "
                   f"(margin {plan.margin:.0%})")
 
-    table = Table(title="training step — peak memory", title_justify="left")
+    title = "training step — peak memory" + (f", per process (batch {fit.batch_size})" if plan.nproc > 1 else "")
+    table = Table(title=title, title_justify="left")
     table.add_column("")
     table.add_column("bytes", justify="right")
     table.add_column("", justify="right", style="dim")
@@ -182,8 +189,9 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
         overhead_labels = {"cuda_context": "CUDA context", "workspace": "cuBLAS/cuDNN workspace",
                            "allocator_reserve": "allocator reserve"}
         for key, value in chosen.overhead.items():
-            table.add_row(f"{overhead_labels.get(key, key)} [dim](preset)[/dim]", f"{value:,}",
-                          human_bytes(value), _bar(value, budget))
+            label = ("DDP gradient buckets [dim](estimated: one more copy of the gradients)[/dim]"
+                     if key == "ddp_gradient_buckets" else f"{overhead_labels.get(key, key)} [dim](preset)[/dim]")
+            table.add_row(label, f"{value:,}", human_bytes(value), _bar(value, budget))
     else:
         table.add_row("model states alone (lower bound)", f"{chosen.total:,}", human_bytes(chosen.total),
                       _bar(chosen.total, budget))

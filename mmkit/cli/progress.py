@@ -3,6 +3,7 @@ one-line summary per epoch. Bars go to stderr; the configuration and summaries t
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from rich.progress import (
@@ -93,3 +94,22 @@ class RichReporter:
                 f"test (best checkpoint): accuracy {test.accuracy:.3f} · UAR {test.uar:.3f} · "
                 f"WAR {test.war:.3f} · macro-F1 {test.macro_f1:.3f}"
             )
+
+
+class RankReporter:
+    """Ranks other than 0 of a data-parallel run: no progress bars, no summaries (rank 0 has them);
+    only warnings, logged at warning level with the rank."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.logger = logging.getLogger("mmkit")
+
+    def start(self, config: RunConfig, resumed_from: str | None) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
+    def epoch_end(self, record: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None:
+        self.logger.warning("[rank %d] %s", self.rank, text)
+
+    def end(self, test: ClassificationMetrics | None) -> None: ...

@@ -1,4 +1,9 @@
-"""`mmkit train MODEL` and `mmkit resume RUN`: thin wrappers over `mmkit.train.loop.train_run`."""
+"""`mmkit train MODEL` and `mmkit resume RUN`: thin wrappers over `mmkit.train.loop.train_run`.
+
+With `--nproc-per-node N` (or the multi-node options) this process launches N workers through
+torchrun (see mmkit.cli.launch); each worker, and every process that torchrun starts directly,
+joins the process group here and trains its rank's share. Rank 0 alone prints and writes.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,44 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mmkit.cli.common import console, one_line_errors, parse_auto_int, parse_set_options
+from mmkit.cli.launch import (
+    NnodesOption,
+    NodeRankOption,
+    NprocOption,
+    RdzvOption,
+    requested_launch,
+    run_launch,
+)
 from mmkit.errors import MmkitError
 
+if TYPE_CHECKING:
+    from mmkit.train.distributed import World
 
-def _default_run_dir(model: str, preset: str) -> Path:
-    return Path("runs") / f"{model}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+def _default_run_dir(model: str, preset: str, started: float | None = None) -> Path:
+    return Path("runs") / f"{model}-{preset}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
+
+
+def _check_before_launch(model: str, preset: str, flags: dict[str, Any], set_options: dict[str, Any],
+                         world_size: int) -> None:
+    """What can be checked without data or simulation, once, before any worker starts."""
+    from mmkit.models.registry import get_model_entry
+    from mmkit.settings import resolve_training
+    from mmkit.train.distributed import check_batch_split
+    from mmkit.train.prepare import split_set_options
+
+    get_model_entry(model)
+    _, training_sets = split_set_options(set_options)
+    recipe = resolve_training(preset, {**training_sets, **{k: v for k, v in flags.items() if v is not None}})
+    if recipe.tasks:
+        raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
+    if recipe.batch_size != "auto":
+        check_batch_split(world_size, int(recipe.batch_size))
 
 
 @one_line_errors
@@ -39,26 +72,50 @@ def train_cli(
         int | None,
         typer.Option("--stop-after-epochs", min=1, help="Stop after this many epochs, checkpointed and resumable with `mmkit resume`."),
     ] = None,
+    nproc_per_node: NprocOption = None,
+    nnodes: NnodesOption = None,
+    node_rank: NodeRankOption = None,
+    rdzv_endpoint: RdzvOption = None,
 ) -> None:
-    """Train a model: AMP, clipping, schedules, progress, safe checkpoints, a final test evaluation."""
-    from mmkit.cli.progress import RichReporter
+    """Train a model: AMP, clipping, schedules, progress, safe checkpoints, a final test evaluation.
+    --batch-size is the global batch: with N processes each trains on batch / N samples per step."""
+    from mmkit.train.distributed import process_group
     from mmkit.train.loop import train_run
-    from mmkit.train.prepare import prepare_run
+    from mmkit.train.prepare import prepare_run, resolve_device
 
-    run_dir = out or _default_run_dir(model, preset)
+    flags = {"epochs": epochs, "batch_size": parse_auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
+             "train_fraction": train_fraction}
+    set_options = parse_set_options(set_)
+    launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    if launch is not None:
+        _check_before_launch(model, preset, flags, set_options, launch.world_size)
+        run_dir = out or _default_run_dir(model, preset)  # fixed here: every worker gets the same --out
+        _refuse_existing(run_dir)
+        run_launch(launch, "train", run_dir, {"--out": str(run_dir)})
+
+    with process_group(resolve_device(device)) as world:
+        run_dir = out or _default_run_dir(model, preset, world.broadcast(int(time.time())))
+        _refuse_existing(run_dir)
+        world.barrier()  # every rank has looked before rank 0 writes run.json
+        prepared = prepare_run(model, preset=preset, data=data, gpu=gpu, device=device, flags=flags,
+                               set_options=set_options, world_size=world.size)
+        reporter = _reporter(world)
+        with _interruptions(run_dir, reporter, world):
+            outcome = train_run(run_dir, prepared.config, stop_after_epochs=stop_after_epochs,
+                                reporter=reporter, dataset=prepared.dataset, world=world)
+        if world.is_main:
+            _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
+
+
+def _refuse_existing(run_dir: Path) -> None:
     if (run_dir / "run.json").exists():
         raise MmkitError(f"{run_dir} already holds a run; continue it with `mmkit resume {run_dir}` or pick another --out")
-    prepared = prepare_run(
-        model, preset=preset, data=data, gpu=gpu, device=device,
-        flags={"epochs": epochs, "batch_size": parse_auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
-               "train_fraction": train_fraction},
-        set_options=parse_set_options(set_),
-    )
-    reporter = RichReporter()
-    with _interruptions(run_dir, reporter):
-        outcome = train_run(run_dir, prepared.config, stop_after_epochs=stop_after_epochs,
-                            reporter=reporter, dataset=prepared.dataset)
-    _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
+
+
+def _reporter(world: World) -> Any:
+    from mmkit.cli.progress import RankReporter, RichReporter
+
+    return RichReporter() if world.is_main else RankReporter(world.rank)
 
 
 @one_line_errors
@@ -66,11 +123,16 @@ def resume_cli(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Extend the run to this many epochs in total.")] = None,
     stop_after_epochs: Annotated[int | None, typer.Option("--stop-after-epochs", min=1, help="Stop after this many epochs in total.")] = None,
+    nproc_per_node: NprocOption = None,
+    nnodes: NnodesOption = None,
+    node_rank: NodeRankOption = None,
+    rdzv_endpoint: RdzvOption = None,
 ) -> None:
-    """Continue a run exactly where its last checkpoint left it (model, optimizer, scaler, RNG, data order)."""
-    from mmkit.cli.progress import RichReporter
+    """Continue a run exactly where its last checkpoint left it (model, optimizer, scaler, RNG, data order),
+    with the same or another number of processes."""
     from mmkit.train.checkpoint import resolve_checkpoint
     from mmkit.train.config import RunConfig
+    from mmkit.train.distributed import check_batch_split, process_group
     from mmkit.train.loop import train_run
 
     config = RunConfig.load(run)
@@ -79,24 +141,40 @@ def resume_cli(
         if epochs < config.training.epochs:
             raise MmkitError(f"--epochs {epochs} is below the run's {config.training.epochs} epochs")
         config = config.model_copy(update={"training": config.training.model_copy(update={"epochs": epochs})})
-    reporter = RichReporter()
-    with _interruptions(run, reporter):
-        outcome = train_run(run, config, resume=True, stop_after_epochs=stop_after_epochs, reporter=reporter)
-    _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
+    launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    if launch is not None:
+        if config.training.tasks:
+            raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
+        check_batch_split(launch.world_size, int(config.training.batch_size))
+        run_launch(launch, "resume", run, {})
+
+    with process_group(config.device) as world:
+        reporter = _reporter(world)
+        with _interruptions(run, reporter, world):
+            outcome = train_run(run, config, resume=True, stop_after_epochs=stop_after_epochs, reporter=reporter,
+                                world=world)
+        if world.is_main:
+            _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 
 
 @contextlib.contextmanager
-def _interruptions(run_dir: Path, reporter: object) -> Iterator[None]:
-    """SIGINT/SIGTERM: the loop has checkpointed; say how to continue and exit 130 / 143."""
+def _interruptions(run_dir: Path, reporter: object, world: World | None = None) -> Iterator[None]:
+    """SIGINT/SIGTERM: the loop has checkpointed; say how to continue (rank 0) and exit 130 / 143."""
     from mmkit.train.loop import TrainingInterrupted
 
     try:
         yield
+        return
     except TrainingInterrupted as stop:
-        reporter.progress.stop()  # type: ignore[attr-defined]
-        console.print(f"{stop}; checkpoint {stop.checkpoint.name} written. "
-                      f"Continue with: mmkit resume {run_dir}", soft_wrap=True)
-        raise typer.Exit(stop.exit_code) from None
+        if world is None or world.is_main:
+            reporter.progress.stop()  # type: ignore[attr-defined]
+            processes = f" --nproc-per-node {world.size}" if world is not None and world.distributed else ""
+            console.print(f"{stop}; checkpoint {stop.checkpoint.name} written. "
+                          f"Continue with: mmkit resume {run_dir}{processes}", soft_wrap=True)
+        code = stop.exit_code
+    # raised outside the handler, so that no traceback keeps the training loop's frames (and a
+    # data-parallel model holding the process group) alive
+    raise typer.Exit(code)
 
 
 def _finish_message(run_dir: Path, finished: bool, epochs_done: int) -> None:

@@ -232,6 +232,7 @@ def iterate_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Yield `(inputs, labels)` batches over `indices`: one epoch, every index exactly once.
 
@@ -239,6 +240,10 @@ def iterate_batches(
     seeded generator makes the epoch reproducible (and advances the generator by one draw). The
     last batch is smaller unless `drop_last`, which skips it. Batches are new tensors
     (`index_select`), on the dataset's device.
+
+    `part=(r, k)` yields only the r-th of k contiguous slices of each batch (samples
+    `n·r // k` to `n·(r + 1) // k` of a batch of n): a data-parallel rank's share of the global
+    batch, drawn from the same order on every rank.
     """
     total = num_batches(len(indices), batch_size, drop_last)
     order = torch.as_tensor(indices, dtype=torch.int64).flatten()
@@ -246,5 +251,8 @@ def iterate_batches(
         order = order[torch.randperm(order.numel(), generator=generator)]
     for start in range(0, total * batch_size, batch_size):
         batch = order[start : start + batch_size]
+        if part != (0, 1):
+            rank, parts = part
+            batch = batch[batch.numel() * rank // parts : batch.numel() * (rank + 1) // parts]
         inputs = {key: tensor.index_select(0, batch) for key, tensor in dataset.inputs.items()}
         yield inputs, dataset.labels.index_select(0, batch)

@@ -8,6 +8,13 @@ the predicted maximum b by simulating b and b + 1, falling back to bisection whe
 is off. Every reported number is a simulation, never the affine guess.
 
 `train` calls `fit_to_budget` when its batch size or size is `auto`.
+
+Data parallel (`data_parallel=N` processes, one GPU each): every number is per GPU — the batch is
+the per-rank share of the global batch — and each candidate carries one more overhead line,
+`ddp_gradient_buckets`: DistributedDataParallel all-reduces gradients through flat bucket
+buffers (25 MiB each, the first 1 MiB) that together hold one copy of every trainable gradient,
+in the parameters' dtype (fp32 master weights here), allocated when the model is wrapped and kept
+for the whole run. It is an estimate from the parameter count (DDP is not simulated).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from mmkit.plan.memory import (
 from mmkit.settings import GpuPreset
 
 Prefer = Literal["width", "batch"]
+DDP_GRADIENT_BYTES = 4  # per trainable parameter: buckets hold gradients in the fp32 parameters' dtype
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,11 @@ class FitResult:
 class _Evaluator:
     """Simulates (size, batch) points once each and remembers them."""
 
-    def __init__(self, entry: ModelEntry, gpu: GpuPreset, budget: int, step: StepSettings) -> None:
+    def __init__(
+        self, entry: ModelEntry, gpu: GpuPreset, budget: int, step: StepSettings, data_parallel: int = 1
+    ) -> None:
         self.entry, self.gpu, self.budget, self.step = entry, gpu, budget, step
+        self.data_parallel = data_parallel
         self.cache: dict[tuple[str, int], Candidate] = {}
         self.simulations = 0
         self._params: dict[str, int] = {}
@@ -78,12 +89,19 @@ class _Evaluator:
     def __call__(self, size: str, config: ModelConfig, batch_size: int) -> Candidate:
         return self.many(size, config, [batch_size])[0]
 
+    def extra_overhead(self, size: str) -> dict[str, int]:
+        """Overhead lines that do not depend on the batch: DDP's gradient buckets (estimated)."""
+        if self.data_parallel <= 1:
+            return {}
+        return {"ddp_gradient_buckets": self._params[size] * DDP_GRADIENT_BYTES}
+
     def many(self, size: str, config: ModelConfig, batch_sizes: list[int]) -> list[Candidate]:
         """Evaluate several batch sizes of one size; uncached simulations run in parallel."""
         if size not in self._params:
             self._params[size] = config_param_count(self.entry, config)
+        extra = self.extra_overhead(size)
         bound = states_lower_bound(self._params[size], self.step.optimizer)
-        bound_total = bound + sum(self.gpu.overhead_bytes(bound).values())
+        bound_total = bound + sum(self.gpu.overhead_bytes(bound).values()) + sum(extra.values())
         todo = sorted({b for b in batch_sizes if (size, b) not in self.cache})
         if todo and bound_total > self.budget:
             for b in todo:
@@ -93,7 +111,7 @@ class _Evaluator:
                 self.rigs[size] = FakeTrainingRig(self.entry, config, self.step)
             for b, memory in zip(todo, simulate_batches(self.rigs[size], todo), strict=True):
                 self.simulations += 1
-                overhead = self.gpu.overhead_bytes(memory.peak_tensors)
+                overhead = self.gpu.overhead_bytes(memory.peak_tensors) | extra
                 total = memory.peak_tensors + sum(overhead.values())
                 self.cache[(size, b)] = Candidate(
                     size, config.width, b, total, total <= self.budget, True, memory, overhead
@@ -141,7 +159,7 @@ def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
         return None
     (b1, m1), (b2, m2) = points[-2], points[-1]
     reserve = evaluate.gpu.overhead.allocator_reserve_fraction
-    fixed = sum(evaluate.gpu.overhead_bytes(0).values())
+    fixed = sum(evaluate.gpu.overhead_bytes(0).values()) + sum(evaluate.extra_overhead(size).values())
     peak_budget = (evaluate.budget - fixed) / (1 + reserve)  # total = peak·(1 + reserve) + fixed
     limits = []
     for phase, p2 in m2.phase_peaks.items():
@@ -180,8 +198,13 @@ def fit_to_budget(
     min_batch_size: int = 1,
     max_batch_size: int = 256,
     prefer: Prefer = "width",
+    data_parallel: int = 1,
 ) -> FitResult:
-    """Choose size and batch (where `auto`) so that the simulated total fits `gpu`'s budget."""
+    """Choose size and batch (where `auto`) so that the simulated total fits `gpu`'s budget.
+
+    With `data_parallel` > 1 the batch is per GPU (the per-rank share) and the DDP gradient
+    buckets are added to every candidate.
+    """
     entry = get_model_entry(model)
     overrides = dict(overrides or {})
     if min_batch_size > max_batch_size:
@@ -190,7 +213,7 @@ def fit_to_budget(
     step = StepSettings(
         batch_size=1, precision=precision, optimizer=optimizer, gpu_target=gpu.device_type == "cuda"
     )
-    evaluate = _Evaluator(entry, gpu, budget, step)
+    evaluate = _Evaluator(entry, gpu, budget, step, data_parallel)
 
     auto_size = size == "auto"
     if auto_size:

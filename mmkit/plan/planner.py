@@ -47,6 +47,12 @@ class MemoryPlan:
     time: TimeEstimate | None
     measure: MeasureReport | None
     notes: list[str]
+    nproc: int = 1  # data-parallel processes (one GPU each); the fit is per process
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch: what `train --batch-size` takes (per process × processes)."""
+        return self.fit.batch_size * self.nproc
 
     @property
     def fits(self) -> bool:
@@ -62,7 +68,9 @@ class MemoryPlan:
             "size": fit.size,
             "width": fit.config.width,
             "gpu": {"name": self.gpu.name, "display_name": self.gpu.display_name, "vram_bytes": self.gpu.vram_bytes},
-            "batch_size": fit.batch_size,
+            "batch_size": self.batch_size,
+            "nproc": self.nproc,
+            "per_rank_batch_size": fit.batch_size,
             "precision": self.precision,
             "optimizer": self.optimizer,
             "gradient_checkpointing": self.gradient_checkpointing,
@@ -93,6 +101,9 @@ class MemoryPlan:
                 "train": "simulated: one steady-state training step on fake tensors (CPU kernels), "
                 "live storages tracked; overhead lines from the GPU preset",
                 "time": "estimate (see time.method)",
+                **({"ddp_gradient_buckets": "estimated, not simulated: DDP's gradient buckets hold one more copy "
+                    "of every trainable gradient in the parameters' dtype (fp32), per process"}
+                   if self.nproc > 1 else {}),
             },
             "time": self.time.as_dict() if self.time else None,
             "notes": self.notes,
@@ -134,11 +145,23 @@ def plan_memory(
     measure: bool = False,
     measure_device: str | None = None,
     notes: list[str] | None = None,
+    nproc: int = 1,
     **fit_options: Any,
 ) -> MemoryPlan:
     """Fit (`fit_options` are `fit_to_budget`'s: size, batch_size, precision, optimizer, ...),
-    simulate inference at the choice, estimate the time, and optionally measure real steps."""
-    fit = fit_to_budget(model, gpu, **fit_options)
+    simulate inference at the choice, estimate the time, and optionally measure real steps.
+
+    `nproc` > 1 plans one of that many data-parallel processes: a given `batch_size` is global
+    and must split evenly; the simulation runs at the per-process share; the time is per epoch
+    with every process taking its share of the samples (gradient all-reduce not included).
+    """
+    from mmkit.train.distributed import check_batch_split
+
+    batch_size = fit_options.pop("batch_size", "auto")
+    if batch_size != "auto":
+        check_batch_split(nproc, int(batch_size))
+        batch_size = int(batch_size) // nproc
+    fit = fit_to_budget(model, gpu, batch_size=batch_size, data_parallel=nproc, **fit_options)
     precision = fit_options.get("precision", "fp32")
     optimizer = fit_options.get("optimizer", "adamw")
     margin = fit_options.get("margin")
@@ -163,13 +186,14 @@ def plan_memory(
         loaded = load_dataset(spec)
         info = DatasetInfo(spec, len(loaded.indices("train")), len(loaded.indices("val")),
                            len(loaded.indices("test")), loaded.classes)
-    train_samples = max(1, round(info.train * train_fraction))
+    train_samples = max(1, -(-round(info.train * train_fraction) // nproc))  # this process's share
+    val_samples = -(-info.val // nproc)
     memory = fit.chosen.train
     if memory is not None:
         moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
         time_estimate = estimate_time(
             gpu, precision, fit.batch_size, flops.train_flops, flops.forward_flops, moved,
-            train_samples, info.val, epochs, ops_per_step=memory.ops,
+            train_samples, val_samples, epochs, ops_per_step=memory.ops,
         )
 
     measured = None
@@ -190,7 +214,7 @@ def plan_memory(
             step_seconds=measured_step,
             epoch_seconds=steps * measured_step,
             total_seconds=steps * measured_step * epochs,
-            steps_per_epoch=steps, epochs=epochs, train_samples=train_samples, val_samples=info.val,
+            steps_per_epoch=steps, epochs=epochs, train_samples=train_samples, val_samples=val_samples,
             utilization=float("nan"), bound="measured", tflops=float("nan"),
         )
         measured = MeasureReport(measurement, predicted, measured_time)
@@ -200,5 +224,5 @@ def plan_memory(
         gradient_checkpointing=fit_options.get("gradient_checkpointing", False),
         margin=gpu.margin if margin is None else margin,
         inference_peak=inference_peak, inference_overhead=inference_overhead,
-        time=time_estimate, measure=measured, notes=list(notes or []),
+        time=time_estimate, measure=measured, notes=list(notes or []), nproc=nproc,
     )

@@ -589,15 +589,20 @@ def grad_scaler_state_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return dict(meta)
 
 
-def rng_state_to_tensors(prefix: str = "rng") -> dict[str, Tensor]:
+def rng_state_to_tensors(prefix: str = "rng", cuda_device: int | None = None) -> dict[str, Tensor]:
     """Every random state a training run draws from, as tensors.
 
     `<prefix>.torch` (CPU generator, uint8), `<prefix>.cuda.<i>` per CUDA device when CUDA is
     available, `<prefix>.python.state` (int64 [626]: `random.getstate()`'s version and its 625
     Mersenne Twister words) and `<prefix>.python.gauss_next` (float64 [0] or [1]).
+
+    `cuda_device` (a data-parallel process's GPU): only that device's state, stored as
+    `<prefix>.cuda.0`, so that no process touches (and creates a context on) another's GPU.
     """
     tensors = {f"{prefix}.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and cuda_device is not None:
+        tensors[f"{prefix}.cuda.0"] = torch.cuda.get_rng_state(cuda_device)
+    elif torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"{prefix}.cuda.{index}"] = state
     version, internal, gauss_next = random.getstate()
@@ -608,17 +613,21 @@ def rng_state_to_tensors(prefix: str = "rng") -> dict[str, Tensor]:
     return tensors
 
 
-def restore_rng_state(tensors: Mapping[str, Tensor], prefix: str = "rng") -> None:
+def restore_rng_state(tensors: Mapping[str, Tensor], prefix: str = "rng", cuda_device: int | None = None) -> None:
     """Inverse of `rng_state_to_tensors` (other keys in `tensors` are ignored).
 
     CUDA states are restored for the devices that exist now; saved CUDA states are skipped when
-    resuming without CUDA.
+    resuming without CUDA. `cuda_device`: only that device, from `<prefix>.cuda.0`.
     """
     for key in (f"{prefix}.torch", f"{prefix}.python.state", f"{prefix}.python.gauss_next"):
         if key not in tensors:
             raise CheckpointError(f"RNG state {key!r} missing from {STATE_FILE}")
     torch.set_rng_state(tensors[f"{prefix}.torch"].to("cpu", torch.uint8))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and cuda_device is not None:
+        state = tensors.get(f"{prefix}.cuda.0")
+        if state is not None:
+            torch.cuda.set_rng_state(state.to("cpu", torch.uint8), cuda_device)
+    elif torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             state = tensors.get(f"{prefix}.cuda.{index}")
             if state is not None:

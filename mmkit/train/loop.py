@@ -38,6 +38,7 @@ from mmkit.errors import MmkitError, RunStopped
 from mmkit.models.registry import MultimodalModel, build_model, logits_of
 from mmkit.train.checkpoint import (
     CheckpointError,
+    checkpoints_dir,
     list_checkpoints,
     load_checkpoint,
     load_model_state,
@@ -49,9 +50,11 @@ from mmkit.train.checkpoint import (
     restore_rng_state,
     rng_state_to_tensors,
     save_checkpoint,
+    step_dir_name,
     write_pointer,
 )
 from mmkit.train.config import RunConfig, write_json_atomic
+from mmkit.train.distributed import SINGLE, World, check_batch_split, no_sync
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
 from mmkit.train.schedule import learning_rate
 from mmkit.train.step import AMP_DTYPES, ForwardLoss, build_grad_scaler, build_optimizer, training_step
@@ -153,35 +156,44 @@ class TrainOutcome:
 
 def evaluate_with_loss(
     model: MultimodalModel, dataset: Dataset, indices: torch.Tensor, *, batch_size: int,
-    precision: str, device: torch.device,
+    precision: str, device: torch.device, world: World = SINGLE,
 ) -> tuple[ClassificationMetrics, float]:
-    """Metrics and mean cross-entropy on `indices` in one pass (eval mode, no grad)."""
+    """Metrics and mean cross-entropy on `indices` in one pass (eval mode, no grad).
+
+    With several ranks, rank r evaluates batches r, r + k, r + 2k, ... — the very batches one
+    process would form — and the confusion matrix and the per-batch loss sums are all-reduced
+    (integers, and sums with zeros), then added in batch order: the result is bitwise the
+    single-process one.
+    """
     was_training = model.training
     model.eval()
-    predictions = []
-    total, n = torch.zeros((), dtype=torch.float64), 0
+    confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64)
+    batch_losses = torch.zeros(num_batches(len(indices), batch_size) if len(indices) else 0, dtype=torch.float64)
     with torch.no_grad(), torch.autocast(
         device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES
     ):
-        for inputs, labels in iterate_batches(dataset, indices, batch_size, shuffle=False):
+        batches = iterate_batches(dataset, indices, batch_size, shuffle=False)
+        for i, (inputs, labels) in enumerate(itertools.islice(batches, world.rank, None, world.size)):
             logits = logits_of(model(**{k: v.to(device) for k, v in inputs.items()}))
-            total += torch.nn.functional.cross_entropy(
+            batch_losses[world.rank + i * world.size] = torch.nn.functional.cross_entropy(
                 logits.float(), labels.to(device), reduction="sum"
             ).double().cpu()
-            n += labels.shape[0]
-            predictions.append(logits.argmax(dim=-1).cpu())
+            confusion += confusion_matrix(labels, logits.argmax(dim=-1).cpu(), dataset.num_classes)
     model.train(was_training)
-    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    confusion = confusion_matrix(dataset.labels[indices], predicted, dataset.num_classes)
-    return classification_metrics(confusion, dataset.classes), (total / max(n, 1)).item()
+    confusion, batch_losses = world.sum(confusion), world.sum(batch_losses)
+    total = torch.zeros((), dtype=torch.float64)
+    for loss in batch_losses:  # in batch order, as one process adds them
+        total += loss
+    return classification_metrics(confusion, dataset.classes), (total / max(len(indices), 1)).item()
 
 
 def evaluate(
     model: MultimodalModel, dataset: Dataset, indices: torch.Tensor, *, batch_size: int,
-    precision: str, device: torch.device,
+    precision: str, device: torch.device, world: World = SINGLE,
 ) -> ClassificationMetrics:
     """Accuracy, UAR, WAR, macro-F1 and the confusion matrix on `indices` (eval mode, no grad)."""
-    return evaluate_with_loss(model, dataset, indices, batch_size=batch_size, precision=precision, device=device)[0]
+    return evaluate_with_loss(model, dataset, indices, batch_size=batch_size, precision=precision, device=device,
+                              world=world)[0]
 
 
 def train_indices(config: RunConfig, dataset: Dataset) -> torch.Tensor:
@@ -224,8 +236,10 @@ def _save_training_checkpoint(
     run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None, data_order: torch.Generator, global_step: int,
     state: dict[str, Any], extra_tensors: dict[str, torch.Tensor], protect_best: bool,
+    cuda_device: int | None = None,
 ) -> Path:
     """Model, optimizer, scaler, every RNG and the data order; `last` points to the result.
+    `cuda_device`: a data-parallel process's GPU, the only one whose RNG state it saves.
 
     Never writes non-finite weights, and a failed write (e.g. a full disk) leaves the previous
     checkpoints and pointers as they were: the save is atomic and rotation runs only after it.
@@ -236,7 +250,7 @@ def _save_training_checkpoint(
         raise RunStopped(f"weight {bad!r} is not finite at step {global_step}; no checkpoint written; "
                          f"{_last_good(run_dir)}")
     tensors, optimizer_meta = optimizer_state_to_tensors(optimizer.state_dict())
-    tensors.update(rng_state_to_tensors())
+    tensors.update(rng_state_to_tensors(cuda_device=cuda_device))
     tensors[DATA_GENERATOR_KEY] = data_order.get_state()
     tensors.update(extra_tensors)
     trainer_state = {
@@ -269,48 +283,59 @@ def train_run(
     stop_after_epochs: int | None = None,
     reporter: Reporter | None = None,
     dataset: Dataset | None = None,
+    world: World = SINGLE,
 ) -> TrainOutcome:
     """Train (or continue) the run in `run_dir` as `config` says; returns when done or stopped.
 
     SIGINT and SIGTERM are caught for the whole run: during training the current step finishes,
     a checkpoint is written and `TrainingInterrupted` is raised; after the last step the run
-    simply completes.
+    simply completes. `world` is this process's rank in a data-parallel run (every rank calls
+    `train_run`; rank 0 alone writes to `run_dir`).
     """
     stop = _StopRequest()
     with stop.installed():
         if config.training.tasks:  # class-incremental continual learning
+            if world.distributed:
+                raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
             from mmkit.train.continual import train_continual
 
             return train_continual(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(),
                                    dataset, stop)
-        return _train(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(), dataset, stop)
+        return _train(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(), dataset, stop,
+                      world)
 
 
 def _train(
     run_dir: Path, config: RunConfig, resume: bool, stop_after_epochs: int | None, reporter: Reporter,
-    dataset: Dataset | None, stop: _StopRequest,
+    dataset: Dataset | None, stop: _StopRequest, world: World = SINGLE,
 ) -> TrainOutcome:
     recipe = config.training
-    device = torch.device(config.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir)
+    device = world.device(config.device)
 
     # ---- data: the full validation and test splits, a stratified fraction of train
     dataset = dataset or load_dataset(config.data, seed=config.data_seed)
     train_idx = train_indices(config, dataset)
     val_idx = dataset.indices("val")
-    batch_size = int(recipe.batch_size)
+    batch_size = int(recipe.batch_size)  # global: what one optimizer step sees, whatever the world size
+    check_batch_split(world.size, batch_size, len(train_idx))
     steps_per_epoch = num_batches(len(train_idx), batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     warmup_steps = round(recipe.warmup_fraction * total_steps)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir)
 
-    # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible
+    # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible (and the same on every rank)
     seed_everything(recipe.seed)
-    model = build_model(config.entry, config.model_config_object()).to(device)
+    model = build_model(config.entry, config.model_config_object())
+    if world.distributed and device.type == "cuda":  # batch statistics over the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     data_order = torch.Generator().manual_seed(recipe.seed)
-    runner = StepRunner(run_dir, config, model, optimizer, scaler, device, reporter)
+    # every rank draws from rank 0's random streams (saved in checkpoints, restored on all ranks)
+    cuda_device = device.index if world.distributed and device.type == "cuda" else None
     start_epoch, global_step, best_uar, best_epoch = 0, 0, -1.0, None
     history: list[dict[str, Any]] = []
 
@@ -319,7 +344,7 @@ def _train(
     resume_batches, resume_partial = 0, (torch.zeros(()), 0)
     if resume:
         checkpoint_dir, trainer, tensors = restore_training_state(
-            run_dir, config, model, optimizer, scaler, data_order, reporter
+            run_dir, config, model, optimizer, scaler, data_order, reporter, cuda_device
         )
         start_epoch, global_step = trainer.epoch, trainer.global_step
         resume_batches = trainer.batches_in_epoch
@@ -327,14 +352,33 @@ def _train(
             data_order.set_state(tensors[EPOCH_ORDER_KEY])
             resume_partial = (tensors["progress.epoch_loss_sum"].reshape(()), trainer.epoch_samples_seen)
         best_uar, best_epoch = trainer.best_uar, trainer.best_epoch
-        history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
-        _write_history(run_dir, history)  # drop epochs the interrupted run logged after its checkpoint
+        if world.is_main:
+            history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
+            _write_history(run_dir, history)  # drop epochs the interrupted run logged after its checkpoint
+        saved_world = getattr(trainer, "world_size", 1)
         resumed_from = (
             f"{checkpoint_dir.name} (epoch {start_epoch + 1}, after step {resume_batches} of {steps_per_epoch})"
             if resume_batches else f"{checkpoint_dir.name} (end of epoch {start_epoch})"
-        )
-    elif (run_dir / HISTORY_FILE).exists():
+        ) + (f", written by {saved_world} process{'es' if saved_world > 1 else ''}, continued by {world.size}"
+             if saved_world != world.size else "")
+    elif world.is_main and (run_dir / HISTORY_FILE).exists():
         (run_dir / HISTORY_FILE).unlink()
+    world.barrier()  # no rank starts before rank 0 has set the run directory up
+
+    # ---- data parallel: DDP all-reduces the gradients; checkpoints hold the unwrapped `model`
+    # (clip and fusion leave their contrastive parameters unused when its weight is 0)
+    trained = world.wrap(model, find_unused_parameters=recipe.contrastive_weight == 0
+                         and hasattr(model, "encode_text"))
+    runner = StepRunner(run_dir, config, trained, optimizer, scaler, device, reporter, world=world)
+
+    def save(state: dict[str, Any], extra: dict[str, torch.Tensor], protect_best: bool) -> Path:
+        """Rank 0 writes the checkpoint; the others wait until it is complete."""
+        path = checkpoints_dir(run_dir) / step_dir_name(global_step)
+        if world.is_main:
+            path = _save_training_checkpoint(run_dir, config, model, optimizer, scaler, data_order, global_step,
+                                             state | {"world_size": world.size}, extra, protect_best, cuda_device)
+        world.barrier()
+        return path
 
     reporter.start(config, resumed_from)
     model.train()
@@ -343,7 +387,9 @@ def _train(
         reporter.epoch_start(epoch + 1, recipe.epochs, steps_per_epoch)
         epoch_order = data_order.get_state()  # the order of this epoch is drawn from here
         epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
-        batches = iterate_batches(dataset, train_idx, batch_size, shuffle=True, generator=data_order)
+        # every rank draws the same order and trains on its slice of each global batch
+        batches = iterate_batches(dataset, train_idx, batch_size, shuffle=True, generator=data_order,
+                                  part=(world.rank, world.size))
         if resume_batches:  # skip what the interrupted run already trained on in this epoch
             batches = itertools.islice(batches, resume_batches, None)
             loss_sum, seen = resume_partial[0].clone(), resume_partial[1]
@@ -361,60 +407,61 @@ def _train(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = runner.step(inputs, labels, global_step + 1, f"epoch {epoch + 1}")
+            n = min(batch_size, len(train_idx) - batches_done * batch_size)  # the global batch
+            step_loss = runner.step(inputs, labels, global_step + 1, f"epoch {epoch + 1}", batch_total=n)
             config = runner.config  # grad_accum may have grown after out of memory
             global_step += 1
             batches_done += 1
-            n = labels.shape[0]
             seen += n
             loss_sum += step_loss * n
             reporter.step(step_loss.item(), lr, seen / max(time.perf_counter() - epoch_start, 1e-9))
+            signum = world.max(stop.signal or 0)  # a signal on any rank stops every rank after this step
             periodic = recipe.checkpoint_every_steps and global_step % recipe.checkpoint_every_steps == 0
-            if stop.signal is not None or (periodic and batches_done < steps_per_epoch):
+            if signum or (periodic and batches_done < steps_per_epoch):
                 # mid-epoch: the position in the epoch and the epoch's data order make resume exact
-                path = _save_training_checkpoint(
-                    run_dir, config, model, optimizer, scaler, data_order, global_step,
+                path = save(
                     {"epoch": epoch, "batches_in_epoch": batches_done, "epoch_samples_seen": seen,
                      "best_uar": best_uar, "best_epoch": best_epoch},
                     {EPOCH_ORDER_KEY: epoch_order, "progress.epoch_loss_sum": loss_sum.clone()},
                     protect_best=True,
                 )
-                if stop.signal is not None:  # the step has finished and is saved: stop
-                    raise TrainingInterrupted(stop.signal, path, epoch + 1, global_step)
+                if signum:  # the step has finished and is saved: stop
+                    raise TrainingInterrupted(signum, path, epoch + 1, global_step)
 
         # ---- end of epoch: validate, log, checkpoint
         epoch_time = time.perf_counter() - epoch_start
         val, val_loss = evaluate_with_loss(model, dataset, val_idx, batch_size=recipe.eval_batch_size,
-                                           precision=config.precision, device=device)
+                                           precision=config.precision, device=device, world=world)
         record = {
             "epoch": epoch + 1, "step": global_step,
             "train_loss": (loss_sum / max(seen, 1)).item(), "val_loss": val_loss,
             "val_accuracy": val.accuracy, "val_uar": val.uar, "val_war": val.war,
             "val_macro_f1": val.macro_f1, "lr": lr, "grad_accum": runner.micro_batches, "epoch_time": epoch_time,
-            "samples_per_s": seen / max(epoch_time, 1e-9),
+            "samples_per_s": seen / max(epoch_time, 1e-9), "world_size": world.size,
         }
         is_best = val.uar > best_uar
         if is_best:
             best_uar, best_epoch = val.uar, epoch + 1
         record["best"] = is_best
         history.append(record)
-        _write_history(run_dir, history)  # before the checkpoint: resume trims what it lacks
+        if world.is_main:
+            _write_history(run_dir, history)  # before the checkpoint: resume trims what it lacks
         periodic = (epoch + 1) % recipe.checkpoint_every == 0 or epoch + 1 == last_epoch
         if periodic or is_best:
-            path = _save_training_checkpoint(
-                run_dir, config, model, optimizer, scaler, data_order, global_step,
+            path = save(
                 {"epoch": epoch + 1, "best_uar": best_uar, "best_epoch": best_epoch,
                  "val": {"uar": val.uar, "accuracy": val.accuracy}},
                 {}, protect_best=not is_best,
             )
-            if is_best:
+            if is_best and world.is_main:
                 write_pointer(run_dir, "best", path, {"epoch": epoch + 1, "step": global_step, "val_uar": val.uar})
         reporter.epoch_end(record)
 
     finished = last_epoch >= recipe.epochs
     test = None
     if finished:
-        test = final_test(run_dir, config, model, dataset, device)
+        world.barrier()  # the best pointer is written
+        test = final_test(run_dir, config, model, dataset, device, world)
     reporter.end(test)
     return TrainOutcome(run_dir, last_epoch, finished, test)
 
@@ -432,32 +479,53 @@ class _Phase:
 class StepRunner:
     """One optimizer step over a batch, in `grad_accum` micro-batches, with the safety rules of
     every training loop: CUDA out of memory in forward/backward halves the micro-batch (and records
-    the doubled `grad_accum` in run.json); a non-finite loss without a GradScaler stops the run."""
+    the doubled `grad_accum` in run.json); a non-finite loss without a GradScaler stops the run.
+
+    In a data-parallel run `model` is the DDP-wrapped model and `inputs` this rank's share of the
+    global batch: micro-batches before the last run under `no_sync` (gradients accumulate locally,
+    one all-reduce per optimizer step), and the returned loss is the global batch's mean.
+    """
 
     def __init__(
-        self, run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
+        self, run_dir: Path, config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None, device: torch.device, reporter: Reporter,
-        forward_loss: ForwardLoss | None = None,
+        forward_loss: ForwardLoss | None = None, world: World = SINGLE,
     ) -> None:
         self.run_dir, self.config, self.model, self.optimizer = run_dir, config, model, optimizer
         self.scaler, self.device, self.reporter, self.forward_loss = scaler, device, reporter, forward_loss
+        self.world = world
         self.micro_batches = min(config.training.grad_accum, int(config.training.batch_size))
 
-    def step(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, step: int, where: str) -> torch.Tensor:
-        """Train on one batch; `step` (1-based) and `where` ("epoch 3") name it in messages."""
+    def step(
+        self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, step: int, where: str,
+        batch_total: int | None = None,
+    ) -> torch.Tensor:
+        """Train on one batch; `step` (1-based) and `where` ("epoch 3") name it in messages.
+        `batch_total`: the global batch this rank's `labels` are a share of (default: all of it)."""
+        n = labels.shape[0]
+        total = n if batch_total is None else batch_total
         while True:  # out of memory: retry the step with half the micro-batch
             phase = _Phase()
             try:
-                loss = self._accumulate(inputs, labels, phase)
+                loss = self._accumulate(inputs, labels, phase, n * self.world.size / total)
                 break
             except OutOfMemoryError:
+                rank = f" on rank {self.world.rank}" if self.world.distributed else ""
                 if phase.name == "optimizer":
                     raise RunStopped(
-                        f"CUDA out of memory in the optimizer step at step {step}: the weights, gradients and "
+                        f"CUDA out of memory in the optimizer step at step {step}{rank}: the weights, gradients and "
                         f"optimizer state alone do not fit, whatever the batch; pick a smaller --size (see "
                         f"`mmkit memory-plan`); {_last_good(self.run_dir)}"
                     ) from None
+                if self.world.distributed:  # halving one rank's micro-batch alone would desynchronize DDP
+                    raise RunStopped(
+                        f"CUDA out of memory in the {phase.name} pass at step {step}{rank}; with several processes "
+                        f"the micro-batch is not halved automatically: raise --set grad_accum (see `mmkit "
+                        f"memory-plan --nproc`); {_last_good(self.run_dir)}"
+                    ) from None
             self._back_off(step)
+        if self.world.distributed:  # the global batch's mean: shares weighted by their size
+            loss = self.world.sum(loss.double() * n / total).float()
         if not torch.isfinite(loss) and self.scaler is None:
             # (with fp16 the GradScaler has already skipped this step and lowered its scale)
             recipe = self.config.training
@@ -468,8 +536,14 @@ class StepRunner:
             )
         return loss
 
-    def _accumulate(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, phase: _Phase) -> torch.Tensor:
-        """The batch in `micro_batches` gradient-accumulation slices; its mean loss (CPU, float32)."""
+    def _accumulate(
+        self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, phase: _Phase, share: float = 1.0
+    ) -> torch.Tensor:
+        """The batch in `micro_batches` gradient-accumulation slices; its mean loss (CPU, float32).
+
+        `share` (this rank's samples × ranks / global batch; 1 when shares are equal) weights the
+        gradient so that DDP's average over the ranks is the gradient of the global mean loss.
+        """
         recipe = self.config.training
         n, micro_batches = labels.shape[0], self.micro_batches
         bounds = [round(i * n / micro_batches) for i in range(micro_batches + 1)]
@@ -478,13 +552,15 @@ class StepRunner:
             if hi <= lo:
                 continue
             micro = {k: v[lo:hi].to(self.device) for k, v in inputs.items()}
-            loss = training_step(
-                self.model, self.optimizer, micro, labels[lo:hi].to(self.device),
-                precision=self.config.precision, scaler=self.scaler, grad_clip=recipe.grad_clip,
-                contrastive_weight=recipe.contrastive_weight, label_smoothing=recipe.label_smoothing,
-                loss_scale=(hi - lo) / n, step_optimizer=i == micro_batches - 1 or hi == n, on_phase=phase,
-                forward_loss=self.forward_loss,
-            )
+            last = i == micro_batches - 1 or hi == n
+            with contextlib.nullcontext() if last else no_sync(self.model):
+                loss = training_step(
+                    self.model, self.optimizer, micro, labels[lo:hi].to(self.device),
+                    precision=self.config.precision, scaler=self.scaler, grad_clip=recipe.grad_clip,
+                    contrastive_weight=recipe.contrastive_weight, label_smoothing=recipe.label_smoothing,
+                    loss_scale=(hi - lo) / n * share, step_optimizer=last,
+                    on_phase=phase, forward_loss=self.forward_loss,
+                )
             step_loss += loss.float().cpu() * (hi - lo) / n
         return step_loss
 
@@ -515,6 +591,7 @@ class StepRunner:
 def restore_training_state(
     run_dir: Path, config: RunConfig, model: MultimodalModel, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None, data_order: torch.Generator, reporter: Reporter,
+    cuda_device: int | None = None,
 ) -> tuple[Path, TrainerState, dict[str, torch.Tensor]]:
     """Load the newest intact checkpoint into model, optimizer, scaler, every RNG and the data
     order; return it with its (validated) trainer state and its state tensors."""
@@ -533,7 +610,7 @@ def restore_training_state(
             raise KeyError(f"{', '.join(missing)} missing")
         if scaler is not None and trainer.scaler:
             scaler.load_state_dict(trainer.scaler)
-        restore_rng_state(tensors)
+        restore_rng_state(tensors, cuda_device=cuda_device)
         data_order.set_state(tensors[DATA_GENERATOR_KEY])
     except (RuntimeError, ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{checkpoint_dir}: training state unusable ({error})") from None
@@ -569,16 +646,18 @@ def _pointer_name(run_dir: Path, name: str) -> str | None:
 
 
 def final_test(
-    run_dir: Path, config: RunConfig, model: MultimodalModel, dataset: Dataset, device: torch.device
+    run_dir: Path, config: RunConfig, model: MultimodalModel, dataset: Dataset, device: torch.device,
+    world: World = SINGLE,
 ) -> ClassificationMetrics:
-    """Evaluate the best checkpoint on the test split and write metrics.json."""
+    """Evaluate the best checkpoint on the test split and write metrics.json (rank 0)."""
     best = read_pointer(run_dir, "best")
     model_state, _, trainer = load_checkpoint(best)
     load_model_state(model, model_state, best / "model.safetensors")
     test = evaluate(model, dataset, dataset.indices("test"), batch_size=config.training.eval_batch_size,
-                    precision=config.precision, device=device)
-    document = test.as_dict("test") | {"checkpoint": best.name, "epoch": trainer["epoch"]}
-    write_json_atomic(run_dir / METRICS_FILE, document)
+                    precision=config.precision, device=device, world=world)
+    if world.is_main:
+        document = test.as_dict("test") | {"checkpoint": best.name, "epoch": trainer["epoch"]}
+        write_json_atomic(run_dir / METRICS_FILE, document)
     return test
 
 

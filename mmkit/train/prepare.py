@@ -4,6 +4,9 @@ Precision follows the device. A preset's fp16 means fp16 autocast + GradScaler o
 where fp16 kernels are very slow, it runs as bf16 autocast instead (and says so). Auto size and
 batch are fitted to the preset's target GPU (`gpu = "rtx3050"` in half-data) unless `--gpu` names
 another, with the precision of that GPU, so the same command gives the same model on any machine.
+
+With several processes (`world_size`), the batch is global: a given batch must split evenly, and
+an `auto` batch is fitted per GPU and multiplied by the number of processes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mmkit.models.registry import apply_overrides, build_model, data_overrides, 
 from mmkit.plan.memory import with_gradient_checkpointing
 from mmkit.settings import TrainingRecipe, resolve_training
 from mmkit.train.config import RunConfig
+from mmkit.train.distributed import check_batch_split
 
 TRAINING_KEYS = tuple(TrainingRecipe.model_fields)
 
@@ -71,6 +75,7 @@ def prepare_run(
     gpu: str | None = None,
     device: str = "auto",
     data_seed: int | None = None,
+    world_size: int = 1,
 ) -> PreparedRun:
     """Resolve everything a run needs; `flags` are the training options the user gave."""
     entry = get_model_entry(model)
@@ -80,6 +85,8 @@ def prepare_run(
         key = twice[0]
         raise MmkitError(f"{key} is given twice, as --{key.replace('_', '-')} and as --set {key}=...; keep one")
     recipe = resolve_training(preset, {**training_sets, **(flags or {})})
+    if recipe.batch_size != "auto":
+        check_batch_split(world_size, int(recipe.batch_size))
     data_spec = data or entry.default_data
     data_seed = recipe.seed if data_seed is None else data_seed
     dataset = load_dataset(data_spec, seed=data_seed)
@@ -99,7 +106,9 @@ def prepare_run(
             notes.append(gpu_note)
         target_precision = recipe.precision if recipe.precision in target.precisions else "fp32"
         fit = fit_to_budget(
-            model, target, size=recipe.size, batch_size=recipe.batch_size, overrides=overrides,
+            model, target, size=recipe.size,
+            batch_size=recipe.batch_size if recipe.batch_size == "auto" else int(recipe.batch_size) // world_size,
+            overrides=overrides, data_parallel=world_size,
             precision=target_precision, optimizer=recipe.optimizer,
             gradient_checkpointing=recipe.gradient_checkpointing,
             min_batch_size=recipe.min_batch_size, max_batch_size=recipe.max_batch_size,
@@ -109,13 +118,14 @@ def prepare_run(
                 f"nothing fits {target.name!r}: {fit.size} at batch {fit.batch_size} needs "
                 f"{fit.chosen.total / 2**30:.2f} GiB, the budget is {fit.budget_bytes / 2**30:.2f} GiB"
             )
-        size_name, config, batch_size = fit.size, fit.config, fit.batch_size
+        size_name, config, batch_size = fit.size, fit.config, fit.batch_size * world_size
         fit_info = {
             "gpu": target.name, "precision": target_precision, "size": size_name, "batch_size": batch_size,
             "total_bytes": fit.chosen.total, "budget_bytes": fit.budget_bytes,
         }
+        per_gpu = f" ({fit.batch_size} per process × {world_size})" if world_size > 1 else ""
         notes.append(
-            f"auto: size {size_name}, batch {batch_size}, fitted to {target.name} ({target_precision}): "
+            f"auto: size {size_name}, batch {batch_size}{per_gpu}, fitted to {target.name} ({target_precision}): "
             f"{fit.chosen.total / 2**30:.2f} of {fit.budget_bytes / 2**30:.2f} GiB"
         )
     else:

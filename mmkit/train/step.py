@@ -107,7 +107,8 @@ def training_step(
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if grad_clip is not None:
-            groups = model.clip_groups() if hasattr(model, "clip_groups") else None
+            inner = getattr(model, "module", model)  # inside DistributedDataParallel
+            groups = inner.clip_groups() if hasattr(inner, "clip_groups") else None
             for group in groups or [list(model.parameters())]:
                 torch.nn.utils.clip_grad_norm_(group, grad_clip)
         if scaler is not None:
