@@ -39,6 +39,10 @@ def train_cli(
         int | None,
         typer.Option("--stop-after-epochs", min=1, help="Stop after this many epochs, checkpointed and resumable with `mmkit resume`."),
     ] = None,
+    compile_: Annotated[
+        bool | None,
+        typer.Option("--compile", help="torch.compile the model (falls back to eager with a warning where it cannot run).", show_default=False),
+    ] = None,
 ) -> None:
     """Train a model: AMP, clipping, schedules, progress, safe checkpoints, a final test evaluation."""
     from mmkit.cli.progress import RichReporter
@@ -51,7 +55,7 @@ def train_cli(
     prepared = prepare_run(
         model, preset=preset, data=data, gpu=gpu, device=device,
         flags={"epochs": epochs, "batch_size": parse_auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
-               "train_fraction": train_fraction},
+               "train_fraction": train_fraction, "compile": compile_},
         set_options=parse_set_options(set_),
     )
     reporter = RichReporter()

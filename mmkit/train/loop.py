@@ -51,6 +51,7 @@ from mmkit.train.checkpoint import (
     save_checkpoint,
     write_pointer,
 )
+from mmkit.train.compile import compile_model
 from mmkit.train.config import RunConfig, write_json_atomic
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
 from mmkit.train.schedule import learning_rate
@@ -307,6 +308,8 @@ def _train(
     # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible
     seed_everything(recipe.seed)
     model = build_model(config.entry, config.model_config_object()).to(device)
+    if recipe.compile and (warning := compile_model(model, device.type)):
+        reporter.message(warning)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     data_order = torch.Generator().manual_seed(recipe.seed)
