@@ -127,6 +127,7 @@ class TrainingRecipe(BaseModel):
     grad_clip: PositiveFloat | None = 1.0
     train_fraction: float = Field(default=1.0, gt=0, le=1)  # stratified subset of the train split
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (falls back to eager, with a warning, where it cannot)
     seed: int = 0
     gpu: str | None = None  # the GPU `auto` size/batch is fitted to (None: the local device)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)

@@ -65,3 +65,11 @@ def test_example_inputs_are_seeded() -> None:
     a = model.example_inputs(2, seed=1)
     b = model.example_inputs(2, seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_names_the_family_default_size() -> None:
+    """The quick preset's `size = "default"` works for a family without a size of that name."""
+    from mmkit.models.registry import get_model_entry, size_config
+
+    assert size_config(get_model_entry("lfm2"), "default")[0] == "rtx3050"
+    assert size_config(get_model_entry("multichannel"), "default")[0] == "default"

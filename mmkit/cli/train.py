@@ -72,6 +72,10 @@ def train_cli(
         int | None,
         typer.Option("--stop-after-epochs", min=1, help="Stop after this many epochs, checkpointed and resumable with `mmkit resume`."),
     ] = None,
+    compile_: Annotated[
+        bool | None,
+        typer.Option("--compile", help="torch.compile the model (falls back to eager with a warning where it cannot run).", show_default=False),
+    ] = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -84,7 +88,7 @@ def train_cli(
     from mmkit.train.prepare import prepare_run, resolve_device
 
     flags = {"epochs": epochs, "batch_size": parse_auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
-             "train_fraction": train_fraction}
+             "train_fraction": train_fraction, "compile": compile_}
     set_options = parse_set_options(set_)
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     if launch is not None:

@@ -173,6 +173,8 @@ def get_model_entry(name: str) -> ModelEntry:
 def size_config(entry: ModelEntry, size: str | None) -> tuple[str, ModelConfig]:
     """(canonical size name, config) for a size spelled `NAME` or `wN`."""
     size = size or entry.default_size
+    if size == "default" and size not in entry.sizes:  # presets say "default" for the family's default size
+        size = entry.default_size
     if size in entry.sizes:
         return size, entry.sizes[size]
     match = _WIDTH_SIZE.fullmatch(size)

@@ -7,8 +7,8 @@ step: the optimizer state exists before it starts, as it does from the second st
 on, which is where the peak of a run lies.
 
 The simulation runs CPU kernels. For a GPU target it also uses the multi-tensor (foreach)
-optimizer kernels that torch picks on CUDA, whose temporaries differ from the per-parameter loop
-used on the CPU, and rounds every storage up to the CUDA allocator's 512-byte granule. What tensors cannot show — the CUDA
+optimizer kernels that torch picks on CUDA, whose temporaries differ from the fused AdamW kernel
+(or SGD's per-parameter loop) that training uses on the CPU, and rounds every storage up to the CUDA allocator's 512-byte granule. What tensors cannot show — the CUDA
 context, library workspaces, allocator fragmentation — is added from the GPU preset as separate
 labelled lines.
 """

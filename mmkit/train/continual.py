@@ -42,6 +42,7 @@ from mmkit.data.tokenizer import encode_batch
 from mmkit.errors import MmkitError
 from mmkit.models.registry import MultimodalModel, build_model
 from mmkit.train.checkpoint import CheckpointError, write_pointer
+from mmkit.train.compile import compile_model
 from mmkit.train.config import RunConfig, write_json_atomic
 from mmkit.train.continual_metrics import ContinualMetrics, continual_metrics
 from mmkit.train.loop import (
@@ -238,6 +239,8 @@ def train_continual(
 
     seed_everything(recipe.seed)
     model = build_model(config.entry, config.model_config_object()).to(device)
+    if recipe.compile and (warning := compile_model(model, device.type)):
+        reporter.message(warning)
     if not hasattr(model, "encode_text"):
         raise MmkitError(f"continual training needs an image-text model (clip, fusion); {config.model!r} is not one")
     if recipe.freeze_text_encoder:

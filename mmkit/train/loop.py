@@ -53,6 +53,7 @@ from mmkit.train.checkpoint import (
     step_dir_name,
     write_pointer,
 )
+from mmkit.train.compile import compile_model
 from mmkit.train.config import RunConfig, write_json_atomic
 from mmkit.train.distributed import SINGLE, World, check_batch_split, no_sync
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
@@ -331,6 +332,8 @@ def _train(
     if world.distributed and device.type == "cuda":  # batch statistics over the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    if recipe.compile and (warning := compile_model(model, device.type)):
+        reporter.message(warning)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     data_order = torch.Generator().manual_seed(recipe.seed)

@@ -33,10 +33,17 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW or SGD with momentum 0.9 over the trainable parameters.
 
-    `foreach=None` lets torch choose (multi-tensor kernels on CUDA, per-parameter loops on CPU).
+    `foreach=None` lets torch choose (multi-tensor kernels on CUDA, per-parameter loops on CPU),
+    except for AdamW on a CPU, which gets the fused kernel where torch has it: its optimizer step is
+    3–4 times faster there than the per-parameter loop, with fewer temporaries (bench/speedups.py).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
+        if foreach is None and params and all(p.device.type == "cpu" for p in params):
+            try:
+                return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+            except RuntimeError:  # torch without a fused CPU kernel
+                pass
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, foreach=foreach)

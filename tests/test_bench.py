@@ -1,0 +1,58 @@
+"""The benchmark suite's plumbing: a run writes its report with the expected keys, and the README's
+Performance section is rewritten between its markers. No timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import __main__ as runner  # noqa: E402
+from bench import latency  # noqa: E402
+
+
+def test_a_quick_latency_run_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cheap = [sys.executable, "-c", "pass"]  # the plumbing, not the commands' own time
+    monkeypatch.setattr(latency, "COMMANDS", {name: cheap for name in latency.COMMANDS})
+    runner.main(["--quick", "--only", "latency", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    part = report["parts"]["latency"]
+    assert {r["command"] for r in part["rows"]} == set(latency.COMMANDS)
+    for row in part["rows"]:
+        assert row["seconds"]["median"] > 0 and row["peak_rss_bytes"] > 0
+    assert [g["goal"] for g in part["goals"]] == [
+        "`count lfm2 --size original` beyond `import torch`", "`count lfm2 --size original` peak RSS",
+        "`memory-plan --gpu rtx3050` (auto size and batch)",
+    ]
+    assert {"cpu", "cores", "torch", "date"} <= set(part["machine"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| goal | target | measured | status |" in markdown and "### Latency of the planning commands" in markdown
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{runner.BEGIN}\nold figures\n{runner.END}\noutro\n")
+    runner.update_readme("new figures\n", readme)
+    assert readme.read_text() == f"intro\n{runner.BEGIN}\nnew figures\n{runner.END}\noutro\n"
+
+
+def test_without_cuda_the_gpu_rows_say_why() -> None:
+    from bench import gpu
+
+    if gpu.torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the rows are measured")
+    part = gpu.run(quick=True)
+    assert part["measured"] is False and "CUDA" in part["reason"]
+    assert {g["status"] for g in part["goals"]} == {"not measured"}
+    assert gpu.to_markdown(part).startswith("Not measured: no CUDA device")
+
+
+def test_the_readme_has_the_performance_markers() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert text.count(runner.BEGIN) == 1 and text.count(runner.END) == 1
