@@ -12,7 +12,6 @@ import re
 import shlex
 from pathlib import Path
 
-import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -50,10 +49,11 @@ COMMANDS = documented_commands()
 
 def parse_only(argv: list[str]) -> None:
     """Resolve the subcommand and parse every option with click, without running anything."""
-    command: click.Command = typer.main.get_command(app)
+    command = typer.main.get_command(app)
     ctx = command.make_context("mmkit", list(argv))
-    while isinstance(command, click.Group):
-        name, sub, rest = command.resolve_command(ctx, ctx.args)
+    while isinstance(command, typer.core.TyperGroup):  # a group: descend into the subcommand
+        protected = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])
+        name, sub, rest = command.resolve_command(ctx, [*protected, *ctx.args])
         assert sub is not None, f"unknown command {name!r}"
         ctx = sub.make_context(name, rest, parent=ctx)
         command = sub
