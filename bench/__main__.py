@@ -4,6 +4,7 @@
     python -m bench --quick                 # short rounds, to check the wiring (about 2 min)
     python -m bench --only latency,overhead # some parts; the others are kept from the last report
     python -m bench --update-readme         # also rewrite README.md's Performance section
+    python -m bench --render-only --update-readme   # re-render report.md and the README from report.json
 
 Parts: overhead (mmkit's step vs a raw loop), data_share (batches as a share of an epoch), latency
 (count and memory-plan), planner_accuracy (simulated vs measured memory), speedups (AMP,
@@ -72,26 +73,28 @@ def sharing_note(report: dict[str, Any]) -> str | None:
 def to_markdown(report: dict[str, Any]) -> str:
     parts = report["parts"]
     first = next(iter(parts.values()))
-    lines = [f"Measured by `python -m bench{' --quick' if report['quick'] else ''}` on {machine_line(first['machine'])}. "
-             f"Whole run: {report['total_seconds'] / 60:.1f} min.", ""]
+    runs = report.get("runs") or [{"only": None}]
+    how = (f"`python -m bench{' --quick' if report['quick'] else ''}`" if len(runs) == 1 and not runs[0]["only"] else
+           f"{len(runs)} runs of `python -m bench` (parts re-measured with `--only`: "
+           f"{'; '.join(', '.join(r['only']) for r in runs if r['only'])})")
+    lines = [f"Measured by {how} on {machine_line(first['machine'])}. "
+             f"Time of the parts, summed: {report['total_seconds'] / 60:.1f} min.", ""]
     if report.get("threads"):
         lines[0] += f" torch threads set to {report['threads']} (`--threads`)."
     note = sharing_note(report)
     if note:
         lines += [f"**Note:** {note}", ""]
     lines += ["| goal | target | measured | status |", "|---|---|---|---|"]
-    notes = []
+    notes: dict[str, int] = {}  # note → its number; goals that share a reason share the note
     for name in PARTS:
         for g in parts.get(name, {}).get("goals", []):
             mark = {"met": "met", "missed": "**missed**", "not measured": "not measured"}[g["status"]]
             if g["note"] and g["status"] != "met":
-                notes.append(g["note"])
-                mark += f" ({len(notes)})"
+                mark += f" ({notes.setdefault(g['note'], len(notes) + 1)})"
             lines.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {mark} |")
     if notes:
-        unique = list(dict.fromkeys(notes))
         lines.append("")
-        lines += [f"({i}) {n}." for i, n in enumerate(notes, 1) if n in unique]
+        lines += [f"({i}) {n}." for n, i in notes.items()]
     for name, (module, title) in PARTS.items():
         if name in parts:
             lines += ["", f"### {title}", "", module.to_markdown(parts[name])]
@@ -114,7 +117,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for report.md and report.json")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite README.md's Performance section")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: write report.md (and the README with --update-readme) from report.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        report = json.loads((args.out / "report.json").read_text())
+        return _write(report, args.out, args.update_readme)
     names = list(PARTS) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in PARTS]
     if unknown:
@@ -131,17 +139,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["parts"] = {name: part for name, part in report["parts"].items() if name in PARTS}
     report["parts"].update(results)
     report["parts"] = {name: report["parts"][name] for name in PARTS if name in report["parts"]}
-    report["total_seconds"] = total if not args.only else sum(p["seconds"] for p in report["parts"].values())
+    report["total_seconds"] = sum(p["seconds"] for p in report["parts"].values())
     report["quick"] = any(p["quick"] for p in report["parts"].values())
     report["threads"] = args.threads
+    report["runs"] = [*(report.get("runs", []) if args.only else []),
+                      {"only": names if args.only else None, "seconds": total, "date": time.strftime("%Y-%m-%d %H:%M")}]
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    _write(report, args.out, args.update_readme)
+    print(f"bench: wrote {args.out / 'report.md'} and {out_json} in {total:.0f} s", file=sys.stderr)
+    return report
+
+
+def _write(report: dict[str, Any], out: Path, readme: bool) -> dict[str, Any]:
     markdown = to_markdown(report)
-    (args.out / "report.md").write_text("# mmkit benchmark report\n\n" + markdown)
-    if args.update_readme:
+    (out / "report.md").write_text("# mmkit benchmark report\n\n" + markdown)
+    if readme:
         update_readme(markdown)
     print(markdown)
-    print(f"bench: wrote {args.out / 'report.md'} and {out_json} in {total:.0f} s", file=sys.stderr)
     return report
 
 

@@ -39,7 +39,7 @@ def machine() -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['cuda']}" if info.get("cuda") else ", no GPU"
-    return (f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads){gpu}; "
+    return (f"{info['cpu']}, {info['cores']} cores (torch threads: {info['torch_threads']}){gpu}; "
             f"torch {info['torch']}, Python {info['python']}, {info['system']}; {info['date']}")
 
 

@@ -32,6 +32,9 @@ class RichReporter:
             TimeRemainingColumn(),
             console=err_console,
             transient=True,
+            # each redraw costs about 2 ms of CPU time and holds the GIL; rich's default of 10 per
+            # second took 2-10 % of a training step's time on a 2-core CPU (bench/overhead.py)
+            refresh_per_second=2,
         )
         self.epoch_task: Any = None
         self.step_task: Any = None
