@@ -1,7 +1,7 @@
 """Run mmkit's benchmark suite and write bench/results/report.{md,json}.
 
     python -m bench                         # every part (about 5–10 min on a 2-core CPU)
-    python -m bench --quick                 # short rounds, to check the wiring (about 2 min)
+    python -m bench --quick                 # short rounds, to check the wiring (a few minutes)
     python -m bench --only latency,overhead # some parts; the others are kept from the last report
     python -m bench --update-readme         # also rewrite README.md's Performance section
     python -m bench --render-only --update-readme   # re-render report.md and the README from report.json

@@ -40,10 +40,11 @@ def _prepared(model: str, size: str, **flags: Any) -> Any:
 def step_rig(model: str, size: str, batch_size: int, precision: str = "fp32", *,
              overrides: dict[str, Any] | None = None, compile_model: bool = False,
              optimizer_options: dict[str, Any] | None = None) -> Callable[[], float]:
-    """A model on its default data's shapes, seeded, with AdamW; returns `step() -> seconds`."""
+    """A model on its default data's shapes, seeded, with AdamW as `mmkit train` builds it (fused on a
+    CPU) unless `optimizer_options` say otherwise; returns `step() -> seconds`."""
     from mmkit.models.registry import apply_overrides, build_model
     from mmkit.train.loop import seed_everything
-    from mmkit.train.step import training_step
+    from mmkit.train.step import build_optimizer, training_step
 
     config = _prepared(model, size).config
     recipe = config.training
@@ -52,8 +53,8 @@ def step_rig(model: str, size: str, batch_size: int, precision: str = "fp32", *,
     net = build_model(config.entry, model_config).train()
     if compile_model:
         net.compile()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                  **(optimizer_options or {}))
+    optimizer = (torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, **optimizer_options)
+                 if optimizer_options else build_optimizer(net, "adamw", recipe.lr, recipe.weight_decay))
     inputs = net.example_inputs(batch_size, seed=0)
     labels = torch.arange(batch_size) % net.config.num_classes
 
