@@ -2,5 +2,5 @@
 
 One module per part, each with a `run(quick) -> dict` and a command line of its own
 (`python -m bench.overhead`, ...): overhead, data_share, latency, planner_accuracy, speedups, gpu.
-bench/linear_probe.py and bench/continual.py are standalone scripts about learning, not speed.
+bench/linear_probe.py (a script) and bench.continual (`python -m bench.continual`) are about learning, not speed.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -85,3 +87,21 @@ def goal(name: str, target: str, measured: str, met: bool | None, note: str = ""
     """One line of the report's goal table; `met` None means not measured."""
     return {"goal": name, "target": target, "measured": measured,
             "status": "not measured" if met is None else ("met" if met else "missed"), "note": note}
+
+
+def part_main(doc: str, run: Callable[..., dict[str, Any]], to_markdown: Callable[[dict[str, Any]], str],
+              argv: list[str] | None, option: tuple[str, dict[str, Any]] | None = None,
+              convert: Callable[[Any], Any] = lambda value: value) -> dict[str, Any]:
+    """The command line every part shares when it runs alone (`python -m bench.PART`): `--quick`,
+    and at most one option of the part's own, passed to `run` after `quick`; prints the machine
+    and the part as JSON, then the part's Markdown."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    if option is not None:
+        parser.add_argument(option[0], **option[1])
+    args = parser.parse_args(argv)
+    extra = [convert(getattr(args, option[0].lstrip("-").replace("-", "_")))] if option is not None else []
+    part = run(args.quick, *extra)
+    print(json.dumps({"machine": machine(), **part}, indent=2, default=str))
+    print(to_markdown(part))
+    return part

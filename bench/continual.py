@@ -1,8 +1,8 @@
 """Continual learning, measured: replay against no replay, and the text-embedding cache's speed-up.
 
-    python bench/continual.py                          # both parts; writes bench/results/continual.{md,json}
-    python bench/continual.py --only cache --rounds 8
-    python bench/continual.py --only replay --epochs-per-task 2
+    python -m bench.continual                          # both parts; writes bench/results/continual.{md,json}
+    python -m bench.continual --only cache --rounds 8
+    python -m bench.continual --only replay --epochs-per-task 2
 
 replay   `mmkit train clip --preset continual --set epochs_per_task=E` twice on the same seed, with
          the preset's replay buffer (500) and with `buffer_size=0`; the accuracy matrix, average
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,13 +27,12 @@ from pathlib import Path
 
 import torch
 
+from bench.common import RESULTS, interleaved, machine, machine_line, timed
 from mmkit.data.datasets import iterate_batches, load_dataset
 from mmkit.models.registry import create_model
 from mmkit.settings import resolve_training
 from mmkit.train.continual import PromptEmbeddings, continual_forward_loss, prompt_tokens
 from mmkit.train.step import build_grad_scaler, build_optimizer, training_step
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def replay_vs_none(epochs_per_task: int, buffers: tuple[int, ...] = (500, 0), seed: int = 0) -> list[dict]:
@@ -77,16 +75,10 @@ def text_cache_speedup(precision: str, rounds: int, batch_size: int = 256) -> li
 
         def step(cache: bool) -> float:
             model, optimizer, scaler, loss, _ = rigs[cache]
-            start = time.perf_counter()
-            training_step(model, optimizer, inputs, labels, precision=precision, scaler=scaler, grad_clip=1.0,
-                          forward_loss=loss)
-            return time.perf_counter() - start
+            return timed(lambda: training_step(model, optimizer, inputs, labels, precision=precision, scaler=scaler,
+                                               grad_clip=1.0, forward_loss=loss))
 
-        step(True), step(False)  # warm-up
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(rounds):
-            for cache in (True, False):
-                times[cache].append(step(cache))
+        times = interleaved({True: lambda: step(True), False: lambda: step(False)}, rounds)  # one warm-up each
         on, off = statistics.median(times[True]), statistics.median(times[False])
         encoded = {cache: rigs[cache][4].encoded for cache in (True, False)}
         rows.append({"precision": precision, "text_encoder": "frozen" if frozen else "trained",
@@ -100,7 +92,7 @@ def text_cache_speedup(precision: str, rounds: int, batch_size: int = 256) -> li
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}; torch {report['torch']}; {report['date']}.", ""]
+    lines = [f"Machine: {machine_line(report['machine'])}.", ""]
     if report.get("replay"):
         lines += ["`mmkit train clip --preset continual --set epochs_per_task=E --set buffer_size=N` "
                   "(same seed):", "",
@@ -130,10 +122,6 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {platform.system()}"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("replay", "cache"))
@@ -142,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated, for the cache part")
     parser.add_argument("--out", type=Path, default=RESULTS / "continual")
     args = parser.parse_args(argv)
-    report: dict = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    report: dict = {"machine": machine()}
     if args.only in (None, "replay"):
         report["replay"] = replay_vs_none(args.epochs_per_task)
     if args.only in (None, "cache"):

@@ -11,15 +11,13 @@ Generating the built-in data (once per process, cached) is reported beside it, o
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import goal, machine, ms
+from bench.common import goal, ms, part_main
 
 GOAL_SHARE = 0.03
 DEFAULT_MODEL = {"synthetic-cifar": "multichannel", "synthetic-av": "lfm2", "synthetic-fashion": "clip"}
@@ -96,13 +94,7 @@ def to_markdown(part: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    part = run(args.quick)
-    print(json.dumps({"machine": machine(), **part}, indent=2))
-    print(to_markdown(part))
-    return part
+    return part_main(__doc__, run, to_markdown, argv)
 
 
 if __name__ == "__main__":

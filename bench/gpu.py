@@ -12,8 +12,6 @@ oom_backoff  a training step whose batch does not fit a memory cap (`set_per_pro
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.common import goal, interleaved, machine, ms, quartiles
+from bench.common import goal, interleaved, ms, part_main, quartiles
 
 GOAL_ERROR = 0.08
 NO_CUDA = "no CUDA device on this machine (torch.cuda.is_available() is False); the rows run wherever one is"
@@ -161,13 +159,7 @@ def to_markdown(part: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    part = run(args.quick)
-    print(json.dumps({"machine": machine(), **part}, indent=2))
-    print(to_markdown(part))
-    return part
+    return part_main(__doc__, run, to_markdown, argv)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ each; medians. Peak RSS is each command's own maximum resident set (`os.wait4` i
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from typing import Any
 
-from bench.common import goal, machine, quartiles
+from bench.common import goal, part_main, quartiles
 
 GOAL_COUNT_EXTRA_SECONDS = 1.5
 GOAL_COUNT_RSS_BYTES = 300 * 10**6
@@ -105,14 +104,7 @@ def to_markdown(part: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int)
-    args = parser.parse_args(argv)
-    part = run(args.quick, args.repeats)
-    print(json.dumps({"machine": machine(), **part}, indent=2))
-    print(to_markdown(part))
-    return part
+    return part_main(__doc__, run, to_markdown, argv, ("--repeats", {"type": int}))
 
 
 if __name__ == "__main__":

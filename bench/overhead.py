@@ -23,9 +23,7 @@ the per-round ratios of the two blocks' mean step times (each round's pair ran b
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import goal, interleaved, machine, ms, paired_ratio, quartiles
+from bench.common import goal, interleaved, ms, paired_ratio, part_main, quartiles
 
 GOAL_RATIO = 1.03
 BATCH_SIZE = 256
@@ -196,14 +194,7 @@ def to_markdown(part: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int)
-    args = parser.parse_args(argv)
-    part = run(args.quick, args.rounds)
-    print(json.dumps({"machine": machine(), **{k: v for k, v in part.items() if k != "rows"}}, indent=2))
-    print(to_markdown(part))
-    return part
+    return part_main(__doc__, run, to_markdown, argv, ("--rounds", {"type": int}))
 
 
 if __name__ == "__main__":

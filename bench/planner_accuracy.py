@@ -11,11 +11,9 @@ measured. On CUDA the same comparison against `torch.cuda.max_memory_allocated` 
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
-from bench.common import goal, machine
+from bench.common import goal, part_main
 
 GOAL_ERROR = 0.03
 BATCH_SIZES = (2, 8)
@@ -59,13 +57,7 @@ def to_markdown(part: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    part = run(args.quick)
-    print(json.dumps({"machine": machine(), **part}, indent=2))
-    print(to_markdown(part))
-    return part
+    return part_main(__doc__, run, to_markdown, argv)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ Step times are medians of interleaved rounds after a warm-up step on each side.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from bench.common import interleaved, machine, ms, paired_ratio, quartiles
+from bench.common import interleaved, ms, paired_ratio, part_main, quartiles
 
 PARTS = ("amp", "compile", "optimizer", "batch", "text_cache", "checkpointing")
 
@@ -268,14 +266,8 @@ def to_markdown(part: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default=",".join(PARTS))
-    args = parser.parse_args(argv)
-    part = run(args.quick, tuple(args.only.split(",")))
-    print(json.dumps({"machine": machine(), **part}, indent=2))
-    print(to_markdown(part))
-    return part
+    return part_main(__doc__, run, to_markdown, argv, ("--only", {"default": ",".join(PARTS)}),
+                     convert=lambda only: tuple(only.split(",")))
 
 
 if __name__ == "__main__":

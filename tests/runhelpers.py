@@ -7,6 +7,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mmkit.cli.app import app
+
+
+def trained_run(folder: Path, args: tuple[str, ...]) -> Path:
+    """`mmkit ARGS --out FOLDER/R`, in process; the run directory, after checking it succeeded."""
+    run = folder / "R"
+    result = CliRunner().invoke(app, [*args, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    return run
 
 
 def last_checkpoint(run: Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses
+from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses, trained_run
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -145,10 +145,7 @@ def run_files(run: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("single") / "R"
-    result = runner.invoke(app, [*TRAIN, "--out", str(run)])
-    assert result.exit_code == 0, result.output
-    return run
+    return trained_run(tmp_path_factory.mktemp("single"), TRAIN)
 
 
 @pytest.fixture(scope="module")

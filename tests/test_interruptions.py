@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses
+from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses, trained_run
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
@@ -29,10 +29,7 @@ TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "3", "--train
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("whole") / "R"
-    result = runner.invoke(app, [*TRAIN, "--out", str(run)])
-    assert result.exit_code == 0, result.output
-    return run
+    return trained_run(tmp_path_factory.mktemp("whole"), TRAIN)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -145,10 +142,7 @@ main()
 
 @pytest.fixture(scope="module")
 def uninterrupted_accumulating(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("whole") / "R"
-    result = runner.invoke(app, [*KILL_TRAIN, "--out", str(run)])
-    assert result.exit_code == 0, result.output
-    return run
+    return trained_run(tmp_path_factory.mktemp("whole"), KILL_TRAIN)
 
 
 def no_leftovers(run: Path) -> list[str]:

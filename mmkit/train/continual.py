@@ -40,9 +40,8 @@ from torch import Tensor
 from mmkit.data.datasets import Dataset, iterate_batches, load_dataset, num_batches
 from mmkit.data.tokenizer import encode_batch
 from mmkit.errors import MmkitError
-from mmkit.models.registry import MultimodalModel, build_model
+from mmkit.models.registry import MultimodalModel
 from mmkit.train.checkpoint import CheckpointError, write_pointer
-from mmkit.train.compile import compile_model
 from mmkit.train.config import RunConfig, write_json_atomic
 from mmkit.train.continual_metrics import ContinualMetrics, continual_metrics
 from mmkit.train.loop import (
@@ -56,6 +55,7 @@ from mmkit.train.loop import (
     _save_training_checkpoint,
     _StopRequest,
     _write_history,
+    build_training_model,
     evaluate,
     read_history,
     restore_training_state,
@@ -238,9 +238,7 @@ def train_continual(
     task_first_step = [sum(steps_per_epoch[:t]) * per_task for t in range(len(tasks))]
 
     seed_everything(recipe.seed)
-    model = build_model(config.entry, config.model_config_object()).to(device)
-    if recipe.compile and (warning := compile_model(model, device.type)):
-        reporter.message(warning)
+    model = build_training_model(config, device, reporter)
     if not hasattr(model, "encode_text"):
         raise MmkitError(f"continual training needs an image-text model (clip, fusion); {config.model!r} is not one")
     if recipe.freeze_text_encoder:

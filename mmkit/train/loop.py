@@ -197,6 +197,20 @@ def evaluate(
                               world=world)[0]
 
 
+def build_training_model(
+    config: RunConfig, device: torch.device, reporter: Reporter, world: World = SINGLE
+) -> MultimodalModel:
+    """The run's model on `device` (seed first): SyncBatchNorm across CUDA ranks, compiled in place
+    with `compile` (or a warning and eager mode where torch.compile cannot run)."""
+    model = build_model(config.entry, config.model_config_object())
+    if world.distributed and device.type == "cuda":  # batch statistics over the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if config.training.compile and (warning := compile_model(model, device.type)):
+        reporter.message(warning)
+    return model
+
+
 def train_indices(config: RunConfig, dataset: Dataset) -> torch.Tensor:
     """The training split, or its stratified seeded subset (`train_fraction`)."""
     indices = dataset.indices("train")
@@ -328,12 +342,7 @@ def _train(
 
     # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible (and the same on every rank)
     seed_everything(recipe.seed)
-    model = build_model(config.entry, config.model_config_object())
-    if world.distributed and device.type == "cuda":  # batch statistics over the global batch
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if recipe.compile and (warning := compile_model(model, device.type)):
-        reporter.message(warning)
+    model = build_training_model(config, device, reporter, world)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     data_order = torch.Generator().manual_seed(recipe.seed)
