@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from pydantic import ValidationError
-from torch.utils.flop_counter import FlopCounterMode
 
 import mmkit.models.lfm2  # noqa: F401  (registers the family until mmkit.models imports it)
 from mmkit.models.blocks import (
@@ -245,13 +242,3 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(one_thread: None) 
     for name, param in plain.named_parameters():
         torch.testing.assert_close(param.grad, grads[name].grad, msg=name)
 
-
-def test_meta_flop_count_of_original_training_step_is_fast() -> None:
-    model = build_on_meta(ORIGINAL)
-    inputs = model.example_inputs(1, device="meta")
-    start = time.perf_counter()
-    with FlopCounterMode(display=False) as counter:
-        model(**inputs).sum().backward()
-    elapsed = time.perf_counter() - start
-    assert counter.get_total_flops() > 0
-    assert elapsed < 2.0, f"meta forward+backward under FlopCounterMode took {elapsed:.2f} s"
