@@ -19,13 +19,27 @@ raw     opt.zero_grad(); loss = F.cross_entropy(model(**x), y); loss.backward();
 
 Blocks of steps alternate (A B B A A B ...) after a warm-up block each; the ratio is the median of
 the per-round ratios of the two blocks' mean step times (each round's pair ran back to back).
+Minor page faults per step are counted on both sides (getrusage).
+
+lfm2's activations at batch 256 are large blocks that glibc's malloc serves with mmap and hands
+back to the system when freed, so every step page-faults hundreds of MB back in; how many depends
+on the order in which blocks are freed, which differs between the two loops. The lfm2 pair is
+therefore measured twice: as a user runs it, and in a child process with malloc's mmap and trim
+thresholds fixed (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), where both loops keep their
+memory and only their arithmetic and bookkeeping differ.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +51,22 @@ from bench.common import goal, interleaved, ms, paired_ratio, part_main, quartil
 GOAL_RATIO = 1.03
 BATCH_SIZE = 256
 MODELS = (("multichannel", "default"), ("lfm2", "rtx3050"))
+# malloc keeps freed blocks up to 16 GiB instead of returning them to the system (glibc tunables)
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _counting_faults(block: Callable[[], float], steps: int, faults: list[float]) -> Callable[[], float]:
+    """`block` (returns seconds per step) that also appends its minor page faults per step."""
+    def run() -> float:
+        before = _minor_faults()
+        seconds = block()
+        faults.append((_minor_faults() - before) / steps)
+        return seconds
+    return run
 
 
 def _silent_rich_reporter(steps: int) -> Any:
@@ -119,7 +149,10 @@ def step_overhead(model: str, size: str, rounds: int, steps_per_block: int,
             return (time.perf_counter() - start) / len(batches)
 
         reporter.progress.stop()
-        times = interleaved({"mmkit": mmkit_block, "raw": raw_block}, rounds)
+        faults: dict[str, list[float]] = {"mmkit": [], "raw": []}
+        blocks = {"mmkit": _counting_faults(mmkit_block, len(batches), faults["mmkit"]),
+                  "raw": _counting_faults(raw_block, len(batches), faults["raw"])}
+        times = interleaved(blocks, rounds)
     ratio = paired_ratio(times["mmkit"], times["raw"])
     mm, raw = quartiles(times["mmkit"]), quartiles(times["raw"])
     return {
@@ -129,7 +162,22 @@ def step_overhead(model: str, size: str, rounds: int, steps_per_block: int,
         "mmkit_step_seconds": mm, "raw_step_seconds": raw, "ratio": ratio,
         "ratio_of_medians": mm["median"] / raw["median"],
         "mmkit_times": times["mmkit"], "raw_times": times["raw"],
+        "mmkit_minor_faults_per_step": quartiles(faults["mmkit"][1:] or faults["mmkit"]),
+        "raw_minor_faults_per_step": quartiles(faults["raw"][1:] or faults["raw"]),
+        "allocator": "fixed malloc thresholds" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "default",
     }
+
+
+def step_overhead_fixed_malloc(model: str, size: str, rounds: int, steps_per_block: int) -> dict[str, Any]:
+    """`step_overhead` in a child process whose malloc keeps freed memory (FIXED_MALLOC)."""
+    code = ("import json, sys; from bench.overhead import step_overhead; "
+            f"print(json.dumps(step_overhead({model!r}, {size!r}, {rounds}, {steps_per_block})))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, **FIXED_MALLOC})
+    if done.returncode != 0:
+        raise RuntimeError(f"overhead child failed: {done.stderr.strip()[-800:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bookkeeping_cost(rounds: int = 200) -> dict[str, Any]:
@@ -161,31 +209,69 @@ def run(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     for model, size in MODELS:
         heavy = model == "lfm2"
         # many short rounds: a shared machine's slow spells then hit single pairs, which the median drops
-        n = rounds or (1 if quick else (5 if heavy else 40))
-        steps = 1
-        rows.append(step_overhead(model, size, n, steps))
+        n = rounds or (1 if quick else (12 if heavy else 40))
+        rows.append(step_overhead(model, size, n, 1))
+        if heavy:
+            rows.append(step_overhead_fixed_malloc(model, size, n, 1))
     extras = bookkeeping_cost(50 if quick else 200)
+    fixed = {r["model"]: r for r in rows if r["allocator"] != "default"}
     goals = [
         goal(f"step overhead, {r['model']}:{r['size']}", f"≤ {GOAL_RATIO:.2f}", f"{r['ratio']:.3f}",
              r["ratio"] <= GOAL_RATIO,
              "" if r["ratio"] <= GOAL_RATIO else
              f"the loop's own per-step work costs {extras['seconds_per_step'] * 1e6:,.0f} µs "
-             f"({extras['seconds_per_step'] / r['raw_step_seconds']['median']:.2%} of the raw step); the rest is "
-             f"noise between rounds (p25–p75 of the raw step: {ms(r['raw_step_seconds']['p25'])}–"
-             f"{ms(r['raw_step_seconds']['p75'])})")
-        for r in rows
+             f"({extras['seconds_per_step'] / r['raw_step_seconds']['median']:.2%} of the raw step); "
+             f"{_allocator_note(r, fixed.get(r['model']))}")
+        for r in rows if r["allocator"] == "default"
     ]
     return {"rows": rows, "bookkeeping": extras, "goals": goals}
 
 
+def _overlap(row: dict[str, Any]) -> bool:
+    """Do the two sides' p25–p75 step-time ranges overlap?"""
+    mm, raw = row["mmkit_step_seconds"], row["raw_step_seconds"]
+    return mm["p25"] <= raw["p75"] and raw["p25"] <= mm["p75"]
+
+
+def _allocator_note(row: dict[str, Any], fixed: dict[str, Any] | None) -> str:
+    faults_mm, faults_raw = row["mmkit_minor_faults_per_step"]["median"], row["raw_minor_faults_per_step"]["median"]
+    note = (f"minor page faults per step, median: {faults_mm:,.0f} in mmkit's step, {faults_raw:,.0f} in the raw "
+            f"loop; step-time p25–p75: mmkit {ms(row['mmkit_step_seconds']['p25'])}–"
+            f"{ms(row['mmkit_step_seconds']['p75'])}, raw {ms(row['raw_step_seconds']['p25'])}–"
+            f"{ms(row['raw_step_seconds']['p75'])}")
+    if fixed is not None:
+        spread = ("the quartile ranges overlap, so the remaining gap is within the round-to-round spread"
+                  if _overlap(fixed) else "the quartile ranges do not overlap")
+        note += (f". With malloc's thresholds fixed (neither loop returns memory to the system between steps) "
+                 f"the ratio is {fixed['ratio']:.3f} with about {fixed['mmkit_minor_faults_per_step']['median']:,.0f} "
+                 f"/ {fixed['raw_minor_faults_per_step']['median']:,.0f} faults per step; {spread}")
+    return note
+
+
 def to_markdown(part: dict[str, Any]) -> str:
-    lines = ["| model | batch | mmkit step, median [p25–p75] | raw loop step | mmkit / raw (paired) | rounds × steps |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | batch | allocator | mmkit step, median [p25–p75] | raw loop step | mmkit / raw (paired) "
+             "| page faults / step, mmkit / raw | rounds × steps |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in part["rows"]:
         mm, raw = r["mmkit_step_seconds"], r["raw_step_seconds"]
-        lines.append(f"| {r['model']}:{r['size']} ({r['data']}) | {r['batch_size']} | {ms(mm['median'])} "
-                     f"[{ms(mm['p25'])}–{ms(mm['p75'])}] | {ms(raw['median'])} [{ms(raw['p25'])}–{ms(raw['p75'])}] "
-                     f"| {r['ratio']:.3f} | {r['rounds']} × {r['steps_per_block']} |")
+        faults = (f"{r['mmkit_minor_faults_per_step']['median']:,.0f} / {r['raw_minor_faults_per_step']['median']:,.0f}"
+                  if "raw_minor_faults_per_step" in r else "—")
+        lines.append(f"| {r['model']}:{r['size']} ({r['data']}) | {r['batch_size']} | {r.get('allocator', 'default')} "
+                     f"| {ms(mm['median'])} [{ms(mm['p25'])}–{ms(mm['p75'])}] | {ms(raw['median'])} "
+                     f"[{ms(raw['p25'])}–{ms(raw['p75'])}] | {r['ratio']:.3f} | {faults} "
+                     f"| {r['rounds']} × {r['steps_per_block']} |")
+    by_allocator = {(r["model"], r.get("allocator", "default")): r for r in part["rows"]}
+    for (model, allocator), fixed in by_allocator.items():
+        default = by_allocator.get((model, "default"))
+        if allocator == "default" or default is None:
+            continue
+        mm = default["mmkit_step_seconds"]["median"] / fixed["mmkit_step_seconds"]["median"]
+        raw = default["raw_step_seconds"]["median"] / fixed["raw_step_seconds"]["median"]
+        lines += ["", f"With malloc's thresholds fixed, {model}'s step ran ×{mm:.2f} faster in mmkit and ×{raw:.2f} "
+                  f"in the raw loop than with glibc's defaults (the two rows ran one after the other, in two "
+                  f"processes). On Linux, to train that way: `MALLOC_MMAP_THRESHOLD_={FIXED_MALLOC['MALLOC_MMAP_THRESHOLD_']} "
+                  f"MALLOC_TRIM_THRESHOLD_={FIXED_MALLOC['MALLOC_TRIM_THRESHOLD_']} mmkit train ...` — the process "
+                  f"then keeps its peak memory instead of returning it to the system between steps."]
     b = part["bookkeeping"]
     lines += ["", f"The loop's per-step work besides the step itself (schedule, lr on each parameter group, loss sum, "
               f"`.item()`, progress bar): {b['seconds_per_step'] * 1e6:,.0f} µs per step, measured alone over "

@@ -1,3 +1,3 @@
 """mmkit: build, size, fit, train and honestly compare multimodal PyTorch models."""
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
