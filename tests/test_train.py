@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,10 +180,14 @@ except ImportError:
     HAVE_MATPLOTLIB = False
 
 
-@pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed, so the message cannot appear")
-def test_plot_without_matplotlib_says_how_to_install(finished_run: Path, tmp_path: Path) -> None:
+def test_plot_without_matplotlib_says_how_to_install(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` now fails, installed or not
     result = invoke("eval", finished_run, "--plot", tmp_path / "plots")
     assert result.exit_code == 2 and "mmkit-cli[plot]" in result.stderr
+    assert not (tmp_path / "plots").exists()
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs the plot extra (matplotlib)")
