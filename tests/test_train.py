@@ -167,6 +167,16 @@ def test_existing_run_is_not_overwritten(finished_run: Path) -> None:
     assert result.exit_code == 2 and "mmkit resume" in result.stderr
 
 
+def test_set_applies_training_settings_that_also_have_a_flag(tmp_path: Path) -> None:
+    """`--set seed=1` must not be overridden by the absent `--seed` flag (nor epochs, batch size, ...)."""
+    run = tmp_path / "R"
+    ok("train", "multichannel", "--preset", "quick", "--set", "seed=1", "--set", "epochs=1",
+       "--set", "batch_size=64", "--set", "train_fraction=0.05", "--out", run)
+    training = json.loads((run / "run.json").read_text())["training"]
+    assert (training["seed"], training["epochs"], training["batch_size"], training["train_fraction"]) == (1, 1, 64, 0.05)
+    assert len(history(run)) == 1
+
+
 def test_unknown_set_key_lists_valid_ones(tmp_path: Path) -> None:
     result = invoke("train", "multichannel", "--set", "learning_rate=1", "--out", tmp_path / "R")
     assert result.exit_code == 2 and "unknown setting 'learning_rate'" in result.stderr and "lr" in result.stderr

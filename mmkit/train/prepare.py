@@ -80,11 +80,12 @@ def prepare_run(
     """Resolve everything a run needs; `flags` are the training options the user gave."""
     entry = get_model_entry(model)
     model_sets, training_sets = split_set_options(set_options or {})
-    twice = sorted(key for key, value in (flags or {}).items() if value is not None and key in training_sets)
+    given = {key: value for key, value in (flags or {}).items() if value is not None}  # None: flag not given
+    twice = sorted(key for key in given if key in training_sets)
     if twice:
         key = twice[0]
         raise MmkitError(f"{key} is given twice, as --{key.replace('_', '-')} and as --set {key}=...; keep one")
-    recipe = resolve_training(preset, {**training_sets, **(flags or {})})
+    recipe = resolve_training(preset, {**training_sets, **given})
     if recipe.batch_size != "auto":
         check_batch_split(world_size, int(recipe.batch_size))
     data_spec = data or entry.default_data
