@@ -100,6 +100,8 @@ CASES = {
     "compare/unknown-preset": ("compare multichannel separate --preset nosuch", "unknown training preset"),
     "compare/missing-data": ("compare multichannel separate --data {missing}", "data file not found"),
     "compare/bad-mode": ("compare multichannel separate --separate-mode weird", "--separate-mode must be"),
+    "compare/set-seed": ("compare multichannel separate --set seed=3", "compare trains seeds 0…K−1 itself"),
+    "compare/set-size": ("compare multichannel separate --set size=default", "MODEL:SIZE"),
     "compare/one-model": ("compare multichannel", "Missing argument"),
     # anything
     "unknown-command": ("nosuch", "No such command 'nosuch'"),

@@ -257,6 +257,11 @@ def compare(
     model_set_options, training_sets = split_set_options(set_options or {})
     if model_set_options:
         raise MmkitError("compare --set takes training settings only; model.* settings would differ per model")
+    owned = {"seed": "compare trains seeds 0…K−1 itself (--seeds K)",
+             "size": "give the size in the model spec (MODEL:SIZE) or with --size"}
+    clash = sorted(owned.keys() & training_sets.keys())
+    if clash:
+        raise MmkitError(f"compare --set {clash[0]}: {owned[clash[0]]}")
     flags = {"epochs": epochs or None, "batch_size": batch_size, "precision": precision}
     twice = sorted(k for k, v in flags.items() if v is not None and k in training_sets)
     if twice:
