@@ -29,7 +29,9 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except MmkitError as exc:
-            rank = _worker_rank()
+            from mmkit.cli.launch import worker_rank
+
+            rank = worker_rank()
             if rank == 0:
                 print(f"mmkit: error: {exc}", file=sys.stderr)
             elif exc.exit_code != 2:  # bad input is the same on every rank: rank 0 has said it
@@ -37,13 +39,6 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
-
-
-def _worker_rank() -> int:
-    """This process's rank in a torchrun run (0 outside one)."""
-    from mmkit.cli.launch import worker_rank
-
-    return worker_rank()
 
 
 def parse_set_options(items: list[str] | None, strip_prefix: str | None = None) -> dict[str, Any]:

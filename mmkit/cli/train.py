@@ -38,17 +38,12 @@ def _check_before_launch(model: str, preset: str, flags: dict[str, Any], set_opt
                          world_size: int) -> None:
     """What can be checked without data or simulation, once, before any worker starts."""
     from mmkit.models.registry import get_model_entry
-    from mmkit.settings import resolve_training
-    from mmkit.train.distributed import check_batch_split
-    from mmkit.train.prepare import split_set_options
+    from mmkit.train.prepare import resolve_recipe, split_set_options
 
     get_model_entry(model)
     _, training_sets = split_set_options(set_options)
-    recipe = resolve_training(preset, {**training_sets, **{k: v for k, v in flags.items() if v is not None}})
-    if recipe.tasks:
+    if resolve_recipe(preset, flags, training_sets, world_size).tasks:
         raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
-    if recipe.batch_size != "auto":
-        check_batch_split(world_size, int(recipe.batch_size))
 
 
 @one_line_errors

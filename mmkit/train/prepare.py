@@ -21,7 +21,7 @@ from mmkit.data.datasets import Dataset, load_dataset
 from mmkit.errors import MmkitError
 from mmkit.models.registry import apply_overrides, build_model, data_overrides, get_model_entry, size_config
 from mmkit.plan.memory import with_gradient_checkpointing
-from mmkit.settings import TrainingRecipe, resolve_training
+from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import check_batch_split
 
@@ -65,6 +65,22 @@ def device_precision(precision: str, device: str) -> tuple[str, str | None]:
     return precision, None
 
 
+def resolve_recipe(
+    preset: str, flags: Mapping[str, Any] | None, training_sets: Mapping[str, Any], world_size: int = 1
+) -> TrainingSettings:
+    """The training recipe: preset < `--set` settings < the flags the user gave (None: not given).
+    Refuses a setting given both ways, and a batch that does not split evenly over the processes."""
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    twice = sorted(key for key in given if key in training_sets)
+    if twice:
+        key = twice[0]
+        raise MmkitError(f"{key} is given twice, as --{key.replace('_', '-')} and as --set {key}=...; keep one")
+    recipe = resolve_training(preset, {**training_sets, **given})
+    if recipe.batch_size != "auto":
+        check_batch_split(world_size, int(recipe.batch_size))
+    return recipe
+
+
 def prepare_run(
     model: str,
     *,
@@ -80,14 +96,7 @@ def prepare_run(
     """Resolve everything a run needs; `flags` are the training options the user gave."""
     entry = get_model_entry(model)
     model_sets, training_sets = split_set_options(set_options or {})
-    given = {key: value for key, value in (flags or {}).items() if value is not None}  # None: flag not given
-    twice = sorted(key for key in given if key in training_sets)
-    if twice:
-        key = twice[0]
-        raise MmkitError(f"{key} is given twice, as --{key.replace('_', '-')} and as --set {key}=...; keep one")
-    recipe = resolve_training(preset, {**training_sets, **given})
-    if recipe.batch_size != "auto":
-        check_batch_split(world_size, int(recipe.batch_size))
+    recipe = resolve_recipe(preset, flags, training_sets, world_size)
     data_spec = data or entry.default_data
     data_seed = recipe.seed if data_seed is None else data_seed
     dataset = load_dataset(data_spec, seed=data_seed)
