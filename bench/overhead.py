@@ -254,13 +254,12 @@ def to_markdown(part: dict[str, Any]) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in part["rows"]:
         mm, raw = r["mmkit_step_seconds"], r["raw_step_seconds"]
-        faults = (f"{r['mmkit_minor_faults_per_step']['median']:,.0f} / {r['raw_minor_faults_per_step']['median']:,.0f}"
-                  if "raw_minor_faults_per_step" in r else "—")
-        lines.append(f"| {r['model']}:{r['size']} ({r['data']}) | {r['batch_size']} | {r.get('allocator', 'default')} "
+        faults = f"{r['mmkit_minor_faults_per_step']['median']:,.0f} / {r['raw_minor_faults_per_step']['median']:,.0f}"
+        lines.append(f"| {r['model']}:{r['size']} ({r['data']}) | {r['batch_size']} | {r['allocator']} "
                      f"| {ms(mm['median'])} [{ms(mm['p25'])}–{ms(mm['p75'])}] | {ms(raw['median'])} "
                      f"[{ms(raw['p25'])}–{ms(raw['p75'])}] | {r['ratio']:.3f} | {faults} "
                      f"| {r['rounds']} × {r['steps_per_block']} |")
-    by_allocator = {(r["model"], r.get("allocator", "default")): r for r in part["rows"]}
+    by_allocator = {(r["model"], r["allocator"]): r for r in part["rows"]}
     for (model, allocator), fixed in by_allocator.items():
         default = by_allocator.get((model, "default"))
         if allocator == "default" or default is None:
