@@ -44,10 +44,20 @@ class MmkitSettings(BaseSettings):
     preset_path: str = ""  # extra preset folders, os.pathsep-separated
     debug: bool = False  # show tracebacks of internal errors
     model: str = "lfm2"  # the model `memory-plan` plans when none is named
+    cache_dir: str = ""  # where measured figures are kept (default: $XDG_CACHE_HOME/mmkit or ~/.cache/mmkit)
+    # pins the CPU's bf16 speed-up over fp32 instead of measuring it (reproducible scripts and tests);
+    # the run says the figure was pinned, not measured
+    cpu_bf16_speedup: PositiveFloat | None = None
 
     @property
     def preset_dirs(self) -> list[Path]:
         return [Path(p).expanduser() for p in self.preset_path.split(os.pathsep) if p.strip()]
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmkit"
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,13 +82,15 @@ if "RANK" in os.environ and os.environ.get("DDP_TEST_OUT"):
     stop_at, stop_how = int(os.environ.get("DDP_TEST_STOP_AT", "0")), os.environ.get("DDP_TEST_STOP_HOW")
     real_step, calls = loop.StepRunner.step, [0]
 
-    real_handle, received = loop._StopRequest._handle, []
+    import mmkit.train.signals as signals
+
+    real_handle, received = signals.StopRequest._handle, []
 
     def handle(self, signum, frame):
         received.append(signum)
         real_handle(self, signum, frame)
 
-    loop._StopRequest._handle = handle
+    signals.StopRequest._handle = handle
 
     def step(self, *args, **kwargs):
         calls[0] += 1

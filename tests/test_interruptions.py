@@ -207,3 +207,76 @@ def test_signal_after_the_last_step_of_an_epoch_resumes_into_validation(
     assert "after step 157 of 157" in result.output
     assert [r["epoch"] for r in history(run)] == [1, 2, 3]
     assert_bitwise_equal(last_model(uninterrupted), last_model(run))
+
+
+SLOW_STEP_DRIVER = """
+import signal, sys, time
+from pathlib import Path
+import mmkit.train.loop as loop
+from mmkit.cli.app import main
+
+at, marker = int(sys.argv[1]), Path(sys.argv[2])
+calls = 0
+step = loop.StepRunner.step
+
+def slow(self, *args, **kwargs):
+    # step `at` stays outside the interpreter's reach for a minute: the main thread blocks SIGINT,
+    # as a long native kernel keeps Python's handler from running
+    global calls
+    calls += 1
+    if calls == at:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        marker.write_text("slow")
+        time.sleep(60)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    return step(self, *args, **kwargs)
+
+loop.StepRunner.step = slow
+sys.argv = ["mmkit", *sys.argv[3:]]
+main()
+"""
+SLOW_TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "1", "--train-fraction", "0.2",
+              "--set", "checkpoint_every_steps=2")
+
+
+def test_ctrl_c_answers_at_once_and_twice_stops_now(tmp_path: Path) -> None:
+    import queue
+    import threading
+
+    whole = trained_run(tmp_path / "whole", SLOW_TRAIN)
+    run, marker, driver = tmp_path / "R", tmp_path / "slow", tmp_path / "driver.py"
+    driver.write_text(SLOW_STEP_DRIVER)
+    process = subprocess.Popen([sys.executable, str(driver), "5", str(marker), *SLOW_TRAIN, "--out", str(run)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+
+    def wait_for(text: str, seconds: float) -> str:
+        """The first stderr line with `text`, which must come within `seconds`."""
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            try:
+                line = lines.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} within {seconds} s")
+
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists() and process.poll() is None
+    os.kill(process.pid, signal.SIGINT)
+    assert "press Ctrl-C again to stop now" in wait_for("stopping after step 5", 1.0)
+    start = time.monotonic()
+    os.kill(process.pid, signal.SIGINT)
+    process.wait(timeout=2)
+    assert time.monotonic() - start <= 2.0 and process.returncode == 130
+    said = wait_for("stopped now in step 5", 1.0)
+    assert "checkpoint step-00000004 is the last complete one" in said and f"mmkit resume {run}" in said
+    assert json.loads((run / "checkpoints" / "last.json").read_text())["path"] == "step-00000004"
+    assert (last_checkpoint(run) / "manifest.json").exists()
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert_bitwise_equal(last_model(whole), last_model(run))

@@ -19,7 +19,7 @@ def plan(*args: str) -> dict:
 
 
 def test_seed_case_rtx3050_defaults_to_lfm2_and_fits() -> None:
-    doc = plan("--gpu", "rtx3050")
+    doc = plan("--gpu", "rtx3050", "--device", "cuda")  # the run on the GPU itself: the preset's fp16
     assert doc["model"] == "lfm2" and doc["preset"] == "half-data"
     assert doc["fits"] is True
     assert doc["train"]["total"] <= doc["budget_bytes"] < doc["gpu"]["vram_bytes"]
@@ -73,13 +73,25 @@ def test_environment_chooses_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan("--gpu", "rtx3050", "--size", "default", "--batch-size", "8")["model"] == "multichannel"
 
 
-def test_unsupported_preset_precision_falls_back_with_a_note() -> None:
+def test_cpu_plan_runs_the_probed_precision_with_a_note() -> None:
     result = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "cpu", "--size", "default",
                                  "--batch-size", "8", "--json"])
     assert result.exit_code == 0
     doc = json.loads(result.stdout)
-    assert doc["precision"] == "bf16"  # half-data asks for fp16, which the cpu preset does not offer
-    assert any("fp16" in note for note in doc["notes"])
+    # half-data asks for fp16; a CPU runs bf16 where it is faster (the tests pin the speed-up at ×2)
+    assert doc["precision"] == "bf16"
+    assert any("the preset asks fp16" in note and "pinned" in note for note in doc["notes"])
+
+
+def test_a_gpu_plan_on_a_cpu_machine_is_what_train_runs_here() -> None:
+    result = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "rtx3050", "--size", "default",
+                                 "--batch-size", "8", "--json"], env={"MMKIT_CPU_BF16_SPEEDUP": "0.5"})
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc["precision"] == "fp32"  # bf16 slower here: train would run fp32, so the plan does
+    assert any("--device cuda plans the run on the rtx3050 itself" in note for note in doc["notes"])
+    on_gpu = plan("multichannel", "--gpu", "rtx3050", "--size", "default", "--batch-size", "8", "--device", "cuda")
+    assert on_gpu["precision"] == "fp16"
 
 
 def test_table_output_labels_what_is_simulated_and_what_is_estimated() -> None:
@@ -96,7 +108,7 @@ def test_table_output_labels_what_is_simulated_and_what_is_estimated() -> None:
         (("--gpu", "nosuch"), "unknown GPU preset 'nosuch'; valid: "),
         (("nosuch", "--gpu", "rtx3050"), "unknown model 'nosuch'"),
         (("--gpu", "rtx3050", "--preset", "nope"), "unknown training preset 'nope'"),
-        (("--gpu", "gtx1650", "--precision", "bf16"), "does not support bf16"),
+        (("--gpu", "gtx1650", "--precision", "bf16", "--device", "cuda"), "does not support bf16"),
         (("--gpu", "rtx3050", "--batch-size", "many"), "--batch-size expects a positive integer or 'auto'"),
         (("multichannel", "--gpu", "rtx3050", "--grad-checkpointing"), "does not support gradient checkpointing"),
         (("--gpu", "rtx3050", "--prefer", "speed"), "--prefer must be"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -11,6 +11,7 @@ from mmkit.cli.common import (
     console,
     err_console,
     human_bytes,
+    human_duration,
     one_line_errors,
     parse_auto_int,
     parse_set_options,
@@ -19,19 +20,12 @@ from mmkit.cli.common import (
 from mmkit.errors import MmkitError
 
 if TYPE_CHECKING:
+    from mmkit.models.registry import ModelEntry
     from mmkit.plan.fit import Candidate
     from mmkit.plan.planner import MemoryPlan
+    from mmkit.settings import GpuPreset, TrainingSettings
 
 BAR_WIDTH = 30
-
-
-def _pick_precision(requested: str, given_by_user: bool, supported: tuple[str, ...], gpu: str) -> tuple[str, str | None]:
-    if requested in supported:
-        return requested, None
-    if given_by_user:
-        raise MmkitError(f"GPU preset {gpu!r} does not support {requested}; supported: {', '.join(supported)}")
-    fallback = "bf16" if "bf16" in supported else "fp32"
-    return fallback, f"the preset's precision {requested} is not supported by {gpu!r}; planning with {fallback}"
 
 
 @one_line_errors
@@ -55,9 +49,14 @@ def memory_plan_cli(
         int, typer.Option("--nproc", min=1, help="Data-parallel processes (one GPU each): --batch-size is global, each "
                           "process plans its share, plus DDP's gradient buckets.")
     ] = 1,
+    device: Annotated[
+        str, typer.Option("--device", help="Where the planned run trains, which sets its precision: auto (as `mmkit "
+                          "train` would on this machine), cpu, or cuda (on the --gpu preset's GPU, present here or not).")
+    ] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Simulate training memory by category on fake tensors and fit size and batch to a GPU."""
+    from mmkit.models.registry import data_overrides, get_model_entry
     from mmkit.plan.hardware import resolve_gpu
     from mmkit.plan.planner import plan_memory
     from mmkit.settings import MmkitSettings, resolve_training
@@ -86,21 +85,14 @@ def memory_plan_cli(
         )
     gpu_preset, gpu_note = resolve_gpu(gpu)
     notes = [gpu_note] if gpu_note else []
-    chosen_precision, precision_note = _pick_precision(
-        recipe.precision, precision is not None, gpu_preset.precisions, gpu_preset.name
-    )
-    if precision_note:
-        notes.append(precision_note)
     overrides = parse_set_options(set_, strip_prefix="model.")
+    entry = get_model_entry(model)
     if data is not None:
         from mmkit.data.datasets import load_dataset
-        from mmkit.models.registry import data_overrides, get_model_entry
 
         dataset = load_dataset(data, seed=0)
-        overrides = {**data_overrides(get_model_entry(model), dataset.input_shapes(), dataset.num_classes),
-                     **overrides}
-    for note in notes:  # after every input check: an error stays the only line
-        err_console.print(f"[yellow]note:[/yellow] {note}")
+        overrides = {**data_overrides(entry, dataset.input_shapes(), dataset.num_classes), **overrides}
+    chosen_precision = _run_precision(entry, recipe, overrides, precision is not None, device, gpu_preset, notes)
     plan = plan_memory(
         model,
         gpu_preset,
@@ -121,6 +113,8 @@ def memory_plan_cli(
         notes=notes,
         nproc=nproc,
     )
+    for note in notes:  # after every input check: an error stays the only line
+        err_console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     if json_output:
         doc = plan.as_dict()
         doc["preset"] = preset
@@ -129,19 +123,32 @@ def memory_plan_cli(
         render_plan(plan, preset)
 
 
+def _run_precision(entry: ModelEntry, recipe: TrainingSettings, overrides: dict[str, Any], given: bool, device: str,
+                   gpu: GpuPreset, notes: list[str]) -> str:
+    """The precision `mmkit train` would run with on `device` (the same function decides), with a
+    note when that is the CPU's and the plan is for a CUDA GPU."""
+    from mmkit.train.prepare import choose_precision, resolve_device
+
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise MmkitError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+    run_device = "cuda" if device.startswith("cuda") else resolve_device(device)
+    supported = gpu.precisions if run_device == "cuda" and gpu.device_type == "cuda" else None
+    try:
+        choice = choose_precision(entry, str(recipe.size), overrides, recipe.precision, given=given,
+                                  device=run_device, supported=supported)
+    except MmkitError as exc:
+        raise MmkitError(f"GPU preset {gpu.name!r}: {exc}") from None
+    if choice.note:
+        notes.append(choice.note)
+    if run_device == "cpu" and gpu.device_type == "cuda":
+        notes.append(f"planned as `mmkit train` runs on this machine's CPU ({choice.precision}); "
+                     f"--device cuda plans the run on the {gpu.name} itself")
+    return choice.precision
+
+
 def _bar(value: int, budget: int) -> str:
     filled = round(BAR_WIDTH * value / budget) if budget else 0
     return "█" * min(filled, BAR_WIDTH) + ("▶" if filled > BAR_WIDTH else "")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _why(candidate: Candidate | None, what: str, budget: int) -> str | None:
@@ -224,8 +231,8 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
     if plan.time is not None:
         t = plan.time
         console.print(
-            f"time [yellow](estimate)[/yellow]: {t.steps_per_epoch} steps/epoch × {_duration(t.step_seconds)}"
-            f" → {_duration(t.epoch_seconds)}/epoch, {_duration(t.total_seconds)} for {t.epochs} epochs "
+            f"time [yellow](estimate)[/yellow]: {t.steps_per_epoch} steps/epoch × {human_duration(t.step_seconds)}"
+            f" → {human_duration(t.epoch_seconds)}/epoch, {human_duration(t.total_seconds)} for {t.epochs} epochs "
             f"[dim]({t.bound}-bound; assumes {t.utilization:.0%} of {t.tflops:g} TFLOP/s {plan.precision}, "
             f"{t.train_samples} training samples)[/dim]"
         )
@@ -236,6 +243,6 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
             f"{m.predicted_peak:,} B ({m.error_percent:+.2f} %) [dim]({m.measurement.method})[/dim]"
         )
         console.print(
-            f"measured step {_duration(m.time.step_seconds)} → {_duration(m.time.epoch_seconds)}/epoch, "
-            f"{_duration(m.time.total_seconds)} for {m.time.epochs} epochs (training steps only)"
+            f"measured step {human_duration(m.time.step_seconds)} → {human_duration(m.time.epoch_seconds)}/epoch, "
+            f"{human_duration(m.time.total_seconds)} for {m.time.epochs} epochs (training steps only)"
         )

@@ -101,7 +101,7 @@ def train_cli(
         reporter = _reporter(world)
         with _interruptions(run_dir, reporter, world):
             outcome = train_run(run_dir, prepared.config, stop_after_epochs=stop_after_epochs,
-                                reporter=reporter, dataset=prepared.dataset, world=world)
+                                reporter=reporter, dataset=prepared.dataset, world=world, forecast=True)
         if world.is_main:
             _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 
@@ -151,7 +151,7 @@ def resume_cli(
         reporter = _reporter(world)
         with _interruptions(run, reporter, world):
             outcome = train_run(run, config, resume=True, stop_after_epochs=stop_after_epochs, reporter=reporter,
-                                world=world)
+                                world=world, forecast=True)
         if world.is_main:
             _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 

@@ -43,7 +43,7 @@ from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_st
 from mmkit.settings import GpuPreset, resolve_training
 from mmkit.train.continual import read_continual_metrics
 from mmkit.train.loop import train_run
-from mmkit.train.prepare import device_precision, prepare_run, resolve_device, split_set_options
+from mmkit.train.prepare import choose_precision, prepare_run, resolve_device, split_set_options
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
@@ -270,7 +270,6 @@ def compare(
     recipes = [resolve_training(p, {**flags, **training_sets}) for p in presets]
     batches = [int(r.batch_size) if r.batch_size != "auto" else 32 for r in recipes]
     device = resolve_device(device)
-    precisions = [device_precision(r.precision, device)[0] for r in recipes]
 
     progress(f"loading {data_spec}")
     dataset = load_dataset(data_spec, seed=data_seed)
@@ -285,6 +284,11 @@ def compare(
         overrides.append({**o, **sets})
         _, config = size_config(entry, spec.size)
         configs.append(apply_overrides(config, {**o, **sets}))
+    precision_given = precision is not None or "precision" in training_sets
+    choices = [choose_precision(entry, spec.size or entry.default_size, o, r.precision, given=precision_given,
+                                device=device)
+               for spec, entry, o, r in zip(specs, entries, overrides, recipes, strict=True)]
+    precisions = [c.precision for c in choices]
 
     progress("static: counting and simulating")
     static = [static_block(s, o, c, batch, prec, gpu)

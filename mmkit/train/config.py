@@ -33,6 +33,7 @@ class RunConfig(BaseModel):
     device: str  # cpu, cuda, cuda:1
     precision: str  # what actually runs on the device (fp16 only on CUDA)
     fit: dict[str, Any] | None = None  # what `auto` chose and for which GPU
+    precision_probe: dict[str, Any] | None = None  # the CPU's measured bf16 speed-up that chose `precision`
     notes: list[str] = []
     mmkit_version: str = __version__
     torch_version: str = torch.__version__

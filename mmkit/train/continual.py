@@ -53,7 +53,6 @@ from mmkit.train.loop import (
     TrainingInterrupted,
     TrainOutcome,
     _save_training_checkpoint,
-    _StopRequest,
     _write_history,
     build_training_model,
     evaluate,
@@ -63,6 +62,7 @@ from mmkit.train.loop import (
     train_indices,
 )
 from mmkit.train.schedule import learning_rate
+from mmkit.train.signals import StopRequest
 from mmkit.train.step import build_grad_scaler, build_optimizer
 
 REPLAY_INDICES_KEY = "replay.indices"  # int64 [n]: dataset indices held in memory
@@ -213,7 +213,7 @@ def prompt_tokens(classes: tuple[str, ...], context_length: int) -> Tensor:
 
 def train_continual(
     run_dir: Path, config: RunConfig, resume: bool, stop_after_epochs: int | None, reporter: Reporter,
-    dataset: Dataset | None, stop: _StopRequest,
+    dataset: Dataset | None, stop: StopRequest,
 ) -> TrainOutcome:
     """Train `config`'s model through the task stream; `resume` continues from the last checkpoint."""
     recipe = config.training
@@ -278,10 +278,12 @@ def train_continual(
 
     def save(state: dict[str, Any], extra: dict[str, Tensor]) -> Path:
         tensors = {**buffer.to_tensors(), REPLAY_ORDER_KEY: replay_order.get_state(), **extra}
-        return _save_training_checkpoint(
+        path = _save_training_checkpoint(
             run_dir, runner.config, model, optimizer, scaler, data_order, global_step,
             {"best_uar": -1.0, "best_epoch": None, "matrix": matrix, **state}, tensors, protect_best=False,
         )
+        stop.last_checkpoint = path.name
+        return path
 
     total_epochs = len(tasks) * per_task
     last_epoch = total_epochs if stop_after_epochs is None else min(total_epochs, stop_after_epochs)
@@ -312,7 +314,9 @@ def train_continual(
                 memory = buffer.sample(memory_batch, replay_order)
                 inputs = {k: torch.cat([v, dataset.inputs[k].index_select(0, memory)]) for k, v in inputs.items()}
                 labels = torch.cat([labels, dataset.labels.index_select(0, memory)])
+            stop.step_begins(global_step + 1)
             step_loss = runner.step(inputs, labels, global_step + 1, f"task {task + 1}, epoch {epoch_in_task + 1}")
+            stop.step_ends(time.monotonic() - stop.step_started)
             global_step, batches_done = global_step + 1, batches_done + 1
             seen += labels.shape[0]
             loss_sum += step_loss * labels.shape[0]

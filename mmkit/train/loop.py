@@ -23,7 +23,6 @@ import json
 import math
 import random
 import signal
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -55,9 +54,11 @@ from mmkit.train.checkpoint import (
 )
 from mmkit.train.compile import compile_model
 from mmkit.train.config import RunConfig, write_json_atomic
+from mmkit.train.forecast import MEASURED_STEPS, RunForecast, measured_forecast, predict_run
 from mmkit.train.distributed import SINGLE, World, check_batch_split, no_sync
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
 from mmkit.train.schedule import learning_rate
+from mmkit.train.signals import StopRequest
 from mmkit.train.step import AMP_DTYPES, ForwardLoss, build_grad_scaler, build_optimizer, training_step
 
 OutOfMemoryError = torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError on torch >= 2.5
@@ -80,33 +81,12 @@ class TrainingInterrupted(Exception):
         return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.signal = signum
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
-        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
 class Reporter(Protocol):
     """What the loop tells the outside world; the CLI draws progress bars, tests stay silent."""
 
     def start(self, config: RunConfig, resumed_from: str | None) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def forecast(self, forecast: RunForecast) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
     def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
@@ -115,7 +95,8 @@ class Reporter(Protocol):
 
 class SilentReporter:
     def start(self, config: RunConfig, resumed_from: str | None) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def forecast(self, forecast: RunForecast) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
     def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
@@ -299,30 +280,31 @@ def train_run(
     reporter: Reporter | None = None,
     dataset: Dataset | None = None,
     world: World = SINGLE,
+    forecast: bool = False,
 ) -> TrainOutcome:
     """Train (or continue) the run in `run_dir` as `config` says; returns when done or stopped.
 
-    SIGINT and SIGTERM are caught for the whole run: during training the current step finishes,
-    a checkpoint is written and `TrainingInterrupted` is raised; after the last step the run
-    simply completes. `world` is this process's rank in a data-parallel run (every rank calls
-    `train_run`; rank 0 alone writes to `run_dir`).
+    SIGINT and SIGTERM are caught for the whole run (mmkit.train.signals): during training the
+    current step finishes, a checkpoint is written and `TrainingInterrupted` is raised; a second
+    SIGINT stops at once. After the last step the run simply completes. `world` is this process's
+    rank in a data-parallel run (every rank calls `train_run`; rank 0 alone writes to `run_dir`).
+    `forecast`: tell the reporter the predicted, then the measured, run time (mmkit.train.forecast).
     """
-    stop = _StopRequest()
+    reporter = reporter or SilentReporter()
+    stop = StopRequest(run_dir, announce=reporter.message)
     with stop.installed():
         if config.training.tasks:  # class-incremental continual learning
             if world.distributed:
                 raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
             from mmkit.train.continual import train_continual
 
-            return train_continual(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(),
-                                   dataset, stop)
-        return _train(run_dir, config, resume, stop_after_epochs, reporter or SilentReporter(), dataset, stop,
-                      world)
+            return train_continual(run_dir, config, resume, stop_after_epochs, reporter, dataset, stop)
+        return _train(run_dir, config, resume, stop_after_epochs, reporter, dataset, stop, world, forecast)
 
 
 def _train(
     run_dir: Path, config: RunConfig, resume: bool, stop_after_epochs: int | None, reporter: Reporter,
-    dataset: Dataset | None, stop: _StopRequest, world: World = SINGLE,
+    dataset: Dataset | None, stop: StopRequest, world: World = SINGLE, forecast: bool = False,
 ) -> TrainOutcome:
     recipe = config.training
     device = world.device(config.device)
@@ -390,15 +372,27 @@ def _train(
             path = _save_training_checkpoint(run_dir, config, model, optimizer, scaler, data_order, global_step,
                                              state | {"world_size": world.size}, extra, protect_best, cuda_device)
         world.barrier()
+        stop.last_checkpoint = path.name
         return path
 
     reporter.start(config, resumed_from)
-    model.train()
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
+    predicted = None
+    if forecast and world.is_main:
+        predicted = predict_run(
+            config.entry, config.model_config_object(), precision=config.precision, device_type=device.type,
+            batch_size=batch_size, train_samples=len(train_idx), val_samples=len(val_idx),
+            epochs=recipe.epochs - start_epoch, size=config.size, train_fraction=recipe.train_fraction,
+        )
+        stop.typical_step_seconds = predicted.step_seconds
+        reporter.forecast(predicted)
+    step_times: list[float] = []  # steps 2.. of this process, for the measured forecast
+    model.train()
     for epoch in range(start_epoch, last_epoch):
-        reporter.epoch_start(epoch + 1, recipe.epochs, steps_per_epoch)
+        reporter.epoch_start(epoch + 1, recipe.epochs, steps_per_epoch, done=resume_batches)
         epoch_order = data_order.get_state()  # the order of this epoch is drawn from here
         epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
+        seen_before = resume_partial[1] if resume_batches else 0  # samples/s counts this process's steps
         # every rank draws the same order and trains on its slice of each global batch
         batches = iterate_batches(dataset, train_idx, batch_size, shuffle=True, generator=data_order,
                                   part=(world.rank, world.size))
@@ -420,13 +414,21 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             n = min(batch_size, len(train_idx) - batches_done * batch_size)  # the global batch
+            stop.step_begins(global_step + 1)
             step_loss = runner.step(inputs, labels, global_step + 1, f"epoch {epoch + 1}", batch_total=n)
+            loss_value = step_loss.item()  # waits for the device: the step is done
+            stop.step_ends(time.monotonic() - stop.step_started)
             config = runner.config  # grad_accum may have grown after out of memory
             global_step += 1
             batches_done += 1
             seen += n
             loss_sum += step_loss * n
-            reporter.step(step_loss.item(), lr, seen / max(time.perf_counter() - epoch_start, 1e-9))
+            reporter.step(loss_value, lr, (seen - seen_before) / max(time.perf_counter() - epoch_start, 1e-9))
+            if predicted is not None and len(step_times) <= MEASURED_STEPS:
+                step_times.append(stop.typical_step_seconds or 0.0)
+                if len(step_times) == MEASURED_STEPS + 1:  # the first, warm-up step is left out
+                    val_seconds = predicted.epoch_seconds - predicted.steps_per_epoch * predicted.step_seconds
+                    reporter.forecast(measured_forecast(step_times[1:], predicted, val_seconds))
             signum = world.max(stop.signal or 0)  # a signal on any rank stops every rank after this step
             periodic = recipe.checkpoint_every_steps and global_step % recipe.checkpoint_every_steps == 0
             if signum or (periodic and batches_done < steps_per_epoch):

@@ -1,9 +1,11 @@
-"""From command-line choices to a resolved `RunConfig`: preset, data, model widths, auto-fitting.
+"""From command-line choices to a resolved `RunConfig`: preset, data, model widths, precision,
+auto-fitting.
 
-Precision follows the device. A preset's fp16 means fp16 autocast + GradScaler on CUDA; on a CPU,
-where fp16 kernels are very slow, it runs as bf16 autocast instead (and says so). Auto size and
-batch are fitted to the preset's target GPU (`gpu = "rtx3050"` in half-data) unless `--gpu` names
-another, with the precision of that GPU, so the same command gives the same model on any machine.
+Precision is what runs on the device (mmkit.plan.precision): a preset's fp16 is fp16 autocast +
+GradScaler on CUDA; on a CPU it is bf16 autocast where a probe of the model's own layers measures
+bf16 faster, else fp32, and the run says which and by how much. Auto size and batch are fitted to
+the preset's target GPU (`gpu = "rtx3050"` in half-data) unless `--gpu` names another, at the
+precision the run uses, so what `memory-plan` promises is what `train` runs.
 
 With several processes (`world_size`), the batch is global: a given batch must split evenly, and
 an `auto` batch is fitted per GPU and multiplied by the number of processes.
@@ -19,8 +21,16 @@ import torch
 
 from mmkit.data.datasets import Dataset, load_dataset
 from mmkit.errors import MmkitError
-from mmkit.models.registry import apply_overrides, build_model, data_overrides, get_model_entry, size_config
+from mmkit.models.registry import (
+    ModelEntry,
+    apply_overrides,
+    build_model,
+    data_overrides,
+    get_model_entry,
+    size_config,
+)
 from mmkit.plan.memory import with_gradient_checkpointing
+from mmkit.plan.precision import PrecisionChoice, run_precision
 from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import check_batch_split
@@ -59,10 +69,30 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def device_precision(precision: str, device: str) -> tuple[str, str | None]:
-    if precision == "fp16" and not device.startswith("cuda"):
-        return "bf16", "fp16 autocast is very slow on a CPU: running bf16 autocast instead"
-    return precision, None
+def local_precisions(device: str) -> tuple[str, ...]:
+    """What the run's own device offers: a CUDA GPU has bf16 from compute capability 8 on."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return ("fp32", "fp16", "bf16") if torch.cuda.is_bf16_supported() else ("fp32", "fp16")
+    return ("fp32", "fp16", "bf16")
+
+
+def choose_precision(
+    entry: ModelEntry, size: str, overrides: Mapping[str, Any], requested: str, *, given: bool, device: str,
+    supported: tuple[str, ...] | None = None,
+) -> PrecisionChoice:
+    """The precision the run uses on `device` (see mmkit.plan.precision). On a CPU, mixed precision
+    is probed on the model at `size` with `overrides` applied; for `auto`, at the widest size of the
+    ladder, where fitting starts (the layer kinds are the same at every width)."""
+    from mmkit.plan.probe import probe_cpu
+
+    def probe() -> object:
+        probed = size if size != "auto" else (f"w{max(entry.ladder)}" if entry.ladder else entry.default_size)
+        _, config = size_config(entry, probed)
+        return probe_cpu(entry, apply_overrides(config, overrides))
+
+    device_type = "cpu" if device == "cpu" else "cuda"
+    return run_precision(requested, given=given, device_type=device_type,
+                         supported=supported or local_precisions(device), cpu_probe=probe)
 
 
 def resolve_recipe(
@@ -103,8 +133,11 @@ def prepare_run(
     overrides = {**data_overrides(entry, dataset.input_shapes(), dataset.num_classes), **model_sets}
 
     device = resolve_device(device)
-    precision, note = device_precision(recipe.precision, device)
-    notes = [note] if note else []
+    given = {key for key, value in (flags or {}).items() if value is not None} | set(training_sets)
+    choice = choose_precision(entry, str(recipe.size), overrides, recipe.precision, given="precision" in given,
+                              device=device)
+    precision = choice.precision
+    notes = [choice.note] if choice.note else []
 
     fit_info = None
     if recipe.size == "auto" or recipe.batch_size == "auto":
@@ -114,7 +147,7 @@ def prepare_run(
         target, gpu_note = resolve_gpu(gpu or recipe.gpu or "auto")
         if gpu_note:
             notes.append(gpu_note)
-        target_precision = recipe.precision if recipe.precision in target.precisions else "fp32"
+        target_precision = precision  # fitted at the precision the run uses
         fit = fit_to_budget(
             model, target, size=recipe.size,
             batch_size=recipe.batch_size if recipe.batch_size == "auto" else int(recipe.batch_size) // world_size,
@@ -157,6 +190,6 @@ def prepare_run(
         model=model, size=size_name, model_settings=config.model_dump(mode="json"), preset=preset,
         training=TrainingRecipe.model_validate(resolved.model_dump()), data=data_spec, data_seed=data_seed,
         device=device,
-        precision=precision, fit=fit_info, notes=notes,
+        precision=precision, fit=fit_info, notes=notes, precision_probe=choice.probe,
     )
     return PreparedRun(run_config, dataset)
