@@ -3,8 +3,8 @@
     python -m bench                         # every part (about 5–10 min on a 2-core CPU)
     python -m bench --quick                 # short rounds, to check the wiring (a few minutes)
     python -m bench --only latency,overhead # some parts; the others are kept from the last report
-    python -m bench --update-readme         # also rewrite README.md's Performance section
-    python -m bench --render-only --update-readme   # re-render report.md and the README from report.json
+    python -m bench --update-docs           # also rewrite the figures in docs/performance.md
+    python -m bench --render-only --update-docs     # re-render report.md and docs/performance.md from report.json
 
 Parts: overhead (mmkit's step vs a raw loop), data_share (batches as a share of an epoch), latency
 (count and memory-plan), planner_accuracy (simulated vs measured memory), speedups (AMP,
@@ -35,7 +35,8 @@ PARTS = {
     "speedups": (speedups, "Speed-ups"),
     "gpu": (gpu, "GPU rows"),
 }
-README = Path(__file__).resolve().parent.parent / "README.md"
+# The page whose figures `--update-docs` rewrites, between BEGIN and END (nothing else on it changes).
+PERFORMANCE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:performance -->", "<!-- /bench:performance -->"
 
 
@@ -67,7 +68,7 @@ def sharing_note(report: dict[str, Any]) -> str | None:
     cores = next(iter(report["parts"].values()))["machine"]["cores"]
     return (f"Other jobs shared this {cores}-core CPU during the run (1-minute load average, per part: "
             f"{', '.join(busy)}): times are upper bounds and ratios are noisier than on a quiet machine. "
-            f"The figures are to be re-measured on a quiet machine with `python -m bench --update-readme`.")
+            f"The figures are to be re-measured on a quiet machine with `python -m bench --update-docs`.")
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -101,13 +102,14 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_readme(markdown: str, readme: Path = README) -> None:
-    text = readme.read_text()
+def update_page(markdown: str, page: Path = PERFORMANCE_PAGE) -> None:
+    """Replace what lies between the page's BEGIN and END markers with `markdown`."""
+    text = page.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: markers {BEGIN} … {END} not found")
+        raise SystemExit(f"{page}: markers {BEGIN} … {END} not found")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+    page.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -116,13 +118,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="short rounds, to check the wiring")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for report.md and report.json")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--update-readme", action="store_true", help="rewrite README.md's Performance section")
+    parser.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
+                        help="rewrite the figures in docs/performance.md (--update-readme: the old name)")
     parser.add_argument("--render-only", action="store_true",
-                        help="measure nothing: write report.md (and the README with --update-readme) from report.json")
+                        help="measure nothing: write report.md (and docs/performance.md with --update-docs) from report.json")
     args = parser.parse_args(argv)
     if args.render_only:
         report = json.loads((args.out / "report.json").read_text())
-        return _write(report, args.out, args.update_readme)
+        return _write(report, args.out, args.update_docs)
     names = list(PARTS) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in PARTS]
     if unknown:
@@ -146,16 +149,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       {"only": names if args.only else None, "seconds": total, "date": time.strftime("%Y-%m-%d %H:%M")}]
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    _write(report, args.out, args.update_readme)
+    _write(report, args.out, args.update_docs)
     print(f"bench: wrote {args.out / 'report.md'} and {out_json} in {total:.0f} s", file=sys.stderr)
     return report
 
 
-def _write(report: dict[str, Any], out: Path, readme: bool) -> dict[str, Any]:
+def _write(report: dict[str, Any], out: Path, docs: bool) -> dict[str, Any]:
     markdown = to_markdown(report)
     (out / "report.md").write_text("# mmkit benchmark report\n\n" + markdown)
-    if readme:
-        update_readme(markdown)
+    if docs:
+        update_page(markdown)
     print(markdown)
     return report
 

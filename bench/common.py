@@ -32,6 +32,8 @@ def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     info: dict[str, Any] = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        # the SIMD kernels torch dispatches to (e.g. AVX512, AVX2): CPU timings depend on it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "python": platform.python_version(), "system": platform.system(),
         "date": time.strftime("%Y-%m-%d"), "load_average_1min": round(load[0], 2),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -41,7 +43,9 @@ def machine() -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['cuda']}" if info.get("cuda") else ", no GPU"
-    return (f"{info['cpu']}, {info['cores']} cores (torch threads: {info['torch_threads']}){gpu}; "
+    capability = info.get("cpu_capability")  # absent from reports written before it was recorded
+    capability = f" ({capability} capability as reported by torch)" if capability else ""
+    return (f"{info['cpu']}{capability}, {info['cores']} cores (torch threads: {info['torch_threads']}){gpu}; "
             f"torch {info['torch']}, Python {info['python']}, {info['system']}; {info['date']}")
 
 

@@ -90,7 +90,7 @@ NOTE_COUNT = (
 NOTE_PLAN = (
     "memory-plan simulates four training steps of lfm2 on fake tensors (fake-tensor dispatch dominates its "
     "profile) and forks a second process to simulate two batch sizes at once, so it needs both cores; "
-    "without other load on this repository's machine it took 7.2–8.6 s (README, planner section)"
+    "without other load on this repository's machine it took 7.2–8.6 s (docs/memory-plan.md, planner section)"
 )
 
 

@@ -1,5 +1,5 @@
-"""The benchmark suite's plumbing: a run writes its report with the expected keys, and the README's
-Performance section is rewritten between its markers. No timing is asserted here."""
+"""The benchmark suite's plumbing: a run writes its report with the expected keys, and the figures in
+docs/performance.md are rewritten between its markers. No timing is asserted here."""
 
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ def test_a_quick_latency_run_writes_the_report(tmp_path: Path, monkeypatch: pyte
     assert "| goal | target | measured | status |" in markdown and "### Latency of the planning commands" in markdown
 
 
-def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{runner.BEGIN}\nold figures\n{runner.END}\noutro\n")
-    runner.update_readme("new figures\n", readme)
-    assert readme.read_text() == f"intro\n{runner.BEGIN}\nnew figures\n{runner.END}\noutro\n"
+def test_update_page_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    page = tmp_path / "performance.md"
+    page.write_text(f"intro\n{runner.BEGIN}\nold figures\n{runner.END}\noutro\n")
+    runner.update_page("new figures\n", page)
+    assert page.read_text() == f"intro\n{runner.BEGIN}\nnew figures\n{runner.END}\noutro\n"
 
 
 def test_without_cuda_the_gpu_rows_say_why() -> None:
@@ -53,6 +53,8 @@ def test_without_cuda_the_gpu_rows_say_why() -> None:
     assert gpu.to_markdown(part).startswith("Not measured: no CUDA device")
 
 
-def test_the_readme_has_the_performance_markers() -> None:
-    text = (ROOT / "README.md").read_text()
+def test_the_performance_page_has_the_markers() -> None:
+    assert runner.PERFORMANCE_PAGE == ROOT / "docs" / "performance.md"
+    text = runner.PERFORMANCE_PAGE.read_text()
     assert text.count(runner.BEGIN) == 1 and text.count(runner.END) == 1
+

@@ -253,7 +253,7 @@ def test_torchrun_kill_9_of_one_rank_stops_the_other_and_resumes_with_one_proces
 
 
 def test_two_nodes_through_the_static_rendezvous(tmp_path: Path) -> None:
-    """The README's multi-node commands, with both "nodes" on this machine (one process each)."""
+    """The multi-node commands of docs/distributed.md, with both "nodes" on this machine (one process each)."""
     with socket.socket() as probe:  # a free port for node 0's rendezvous store
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
