@@ -49,7 +49,13 @@ from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_st
 from mmkit.settings import GpuPreset, resolve_training
 from mmkit.train.continual import read_continual_metrics
 from mmkit.train.loop import train_run
-from mmkit.train.prepare import device_precision, prepare_run, resolve_device, split_set_options
+from mmkit.train.prepare import (
+    check_continual_length,
+    device_precision,
+    prepare_run,
+    resolve_device,
+    split_set_options,
+)
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
@@ -325,7 +331,9 @@ def compare(
     if twice:
         raise MmkitError(f"{twice[0]!r} given both as a flag and with --set; give it once")
     presets = [spec.preset or preset for spec in specs]
-    recipes = [resolve_training(p, {**flags, **training_sets}) for p in presets]
+    recipes = [resolve_training(p, flags, training_sets) for p in presets]
+    for p, recipe in zip(presets, recipes, strict=True):
+        check_continual_length(p, recipe, {k: v for k, v in flags.items() if v is not None}, training_sets)
     batches = [int(r.batch_size) if r.batch_size != "auto" else 32 for r in recipes]
     device = resolve_device(device)
     precisions = [device_precision(r.precision, device)[0] for r in recipes]
