@@ -85,3 +85,18 @@ def test_write_plots_writes_readable_pngs(tmp_path: Path) -> None:
     assert [p.name for p in write_plots(tmp_path / "p2", [], metrics, CLASSES, model="m", run_name="r")] == [
         "confusion_matrix.png"
     ]
+
+
+def test_a_continual_run_plots_its_accuracy_per_task() -> None:
+    """A continual run's history has no validation split, only a row of R at each task's end."""
+    history = [
+        {"epoch": 1, "task": 1, "train_loss": 1.5},
+        {"epoch": 2, "task": 1, "train_loss": 0.9, "accuracies": [0.8, 0.0]},
+        {"epoch": 3, "task": 2, "train_loss": 2.1},
+        {"epoch": 4, "task": 2, "train_loss": 1.5, "accuracies": [0.5, 0.7]},
+    ]
+    fig = curves_figure(history, model="clip", run_name="stream")
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines() if not line.get_label().startswith("_")}
+    assert list(lines["task 1"].get_xdata()) == [2, 4] and list(lines["task 2"].get_xdata()) == [4]
+    assert list(lines["mean over learned tasks"].get_ydata()) == pytest.approx([0.8, 0.6])
+    assert fig.axes[1].get_ylabel() == "test accuracy"

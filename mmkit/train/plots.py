@@ -3,7 +3,8 @@
 Two figures, each titled with the model and the run's directory name:
 - `training_curves.png`: train and validation cross-entropy per epoch on the left, validation
   accuracy (WAR) and UAR on the right, integer epoch ticks, the best epoch (the `best` checkpoint)
-  marked. The two curves of a panel differ in line style, marker fill and drawing order, so one
+  marked. A continual run (no validation split) shows its train loss and, at each task's end, the
+  test accuracy on every task learned so far, with the task boundaries dotted. The two curves of a panel differ in line style, marker fill and drawing order, so one
   lying exactly on the other (accuracy equals UAR on balanced data) still shows both.
 - `confusion_matrix.png`: counts of one split, true class per row, predicted per column, each count
   written in white on dark cells and black on light ones.
@@ -55,25 +56,32 @@ def curves_figure(history: list[dict[str, Any]], *, model: str, run_name: str) -
     every = max(1, -(-len(epochs) // MAX_MARKERS))
     fig = _figure(11, 4.6)
     fig.suptitle(f"training curves · {model} · run {run_name}")
-    loss_ax, score_ax = fig.subplots(1, 2)
+    loss_ax, score_ax = fig.subplots(1, 2, sharex=True)
     solid = {"linestyle": "-", "marker": "o", "markersize": 5, "linewidth": 1.8, "zorder": 2, "markevery": every}
     dashed = {"linestyle": "--", "marker": "o", "markersize": 9, "markerfacecolor": "none", "markeredgewidth": 1.5,
               "linewidth": 1.8, "zorder": 3, "markevery": every}
 
     loss_ax.plot(epochs, [r["train_loss"] for r in history], color="tab:blue", label="train", **solid)
-    loss_ax.plot(epochs, [r["val_loss"] for r in history], color="tab:orange", label="validation", **dashed)
     loss_ax.set_ylabel("cross-entropy loss")
     loss_ax.set_title("loss")
-
-    score_ax.plot(epochs, [r["val_uar"] for r in history], color="tab:green", label="validation UAR", **solid)
-    score_ax.plot(epochs, [r["val_accuracy"] for r in history], color="tab:purple",
-                  label="validation accuracy (WAR)", **dashed)
-    score_ax.set_ylabel("score")
     score_ax.set_ylim(0, 1.02)
-    score_ax.set_title("validation scores")
+    continual = any("task" in r for r in history)
+    if continual:
+        _continual_scores(score_ax, history, solid, dashed)
+    else:
+        loss_ax.plot(epochs, [r["val_loss"] for r in history], color="tab:orange", label="validation", **dashed)
+        score_ax.plot(epochs, [r["val_uar"] for r in history], color="tab:green", label="validation UAR", **solid)
+        score_ax.plot(epochs, [r["val_accuracy"] for r in history], color="tab:purple",
+                      label="validation accuracy (WAR)", **dashed)
+        score_ax.set_ylabel("score")
+        score_ax.set_title("validation scores")
 
     best = [r["epoch"] for r in history if r.get("best")]
     for ax in (loss_ax, score_ax):
+        if continual:  # where each task after the first starts
+            for r, previous in zip(history[1:], history, strict=False):
+                if r.get("task") != previous.get("task"):
+                    ax.axvline(r["epoch"] - 0.5, color="0.55", linestyle=":", linewidth=1.2, zorder=1)
         if best:
             ax.axvline(best[-1], color="0.55", linestyle=":", linewidth=1.2, zorder=1,
                        label=f"best UAR (epoch {best[-1]})")
@@ -87,6 +95,23 @@ def curves_figure(history: list[dict[str, Any]], *, model: str, run_name: str) -
         # below the axes, never over the curves
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False, fontsize=9)
     return fig
+
+
+def _continual_scores(ax: Any, history: list[dict[str, Any]], solid: dict[str, Any], dashed: dict[str, Any]) -> None:
+    """A continual run has no validation split: at the end of each task, the test accuracy on every
+    task learned so far (a row of the accuracy matrix R), one line per task, and their mean."""
+    ends = [r for r in history if "accuracies" in r]
+    for j in range(len(ends[0]["accuracies"]) if ends else 0):
+        learned = [r for r in ends if r["task"] > j]
+        if learned:
+            ax.plot([r["epoch"] for r in learned], [r["accuracies"][j] for r in learned], linestyle="-",
+                    marker="o", markersize=4, linewidth=1.2, alpha=0.75, label=f"task {j + 1}")
+    if ends:
+        means = [sum(r["accuracies"][: r["task"]]) / r["task"] for r in ends]
+        ax.plot([r["epoch"] for r in ends], means, color="black", label="mean over learned tasks",
+                **{**dashed, "markevery": 1})
+    ax.set_ylabel("test accuracy")
+    ax.set_title("test accuracy per task, at each task's end")
 
 
 def confusion_figure(metrics: ClassificationMetrics, classes: Sequence[str], *, model: str, run_name: str,
