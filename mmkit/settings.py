@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -208,11 +209,19 @@ def read_toml(path: Path) -> dict[str, Any]:
 def validation_message(path: Path | str, exc: ValidationError) -> str:
     """One line naming the file and the first bad field."""
     first = exc.errors()[0]
+    field = _field(first) or "(file)"
+    return f"{path}: field {field!r}: {first['msg']}{_more(exc)}"
+
+
+def _field(error: Any) -> str:
     # union members show up in `loc` as e.g. "constrained-int": keep the field path only
-    field = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("constrained-", "literal[")))
-    field = field or "(file)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{path}: field {field!r}: {first['msg']}{more}"
+    return ".".join(str(p) for p in error["loc"] if not str(p).startswith(("constrained-", "literal[")))
+
+
+def _more(exc: ValidationError) -> str:
+    """` (and N more)` for the other bad fields (a union's alternatives are one field)."""
+    others = {_field(e) for e in exc.errors()} - {_field(exc.errors()[0])}
+    return f" (and {len(others)} more)" if others else ""
 
 
 def _load(kind: str, name: str, schema: type[BaseModel]) -> Any:
@@ -258,10 +267,30 @@ class _PresetSource(PydanticBaseSettingsSource):
         return dict(self.values)
 
 
-def resolve_training(preset_name: str, flags: dict[str, Any] | None = None) -> TrainingSettings:
-    """The training recipe of `preset_name` with environment and flags applied on top.
+def setting_source(preset_name: str, key: str, value: Any, flags: Mapping[str, Any] | None = None,
+                   set_options: Mapping[str, Any] | None = None) -> str:
+    """Where training setting `key` came from, written as the user gave it: `--batch-size 3`,
+    `--set batch_size=3`, `MMKIT_BATCH_SIZE=3`, or `batch_size = 3 in PRESET_FILE`, so
+    that an error about the value names what to change."""
+    if flags and flags.get(key) is not None:
+        return f"--{key.replace('_', '-')}" + ("" if isinstance(value, bool) else f" {value}")
+    if set_options and key in set_options:
+        return f"--set {key}={value}"
+    env = {name.upper(): text for name, text in os.environ.items()}.get(f"MMKIT_{key.upper()}")
+    if env is not None:
+        return f"MMKIT_{key.upper()}={env}"
+    path = available_presets("training").get(preset_name)
+    if path is not None and key in read_toml(path):
+        return f"{key} = {value} in {path}"
+    return f"{key} {value} (the default; preset {preset_name!r} does not set it)"
 
-    `flags` holds only the options the user actually gave (None values are dropped).
+
+def resolve_training(preset_name: str, flags: Mapping[str, Any] | None = None,
+                     set_options: Mapping[str, Any] | None = None) -> TrainingSettings:
+    """The training recipe of `preset_name` with environment, `--set` settings and flags applied
+    on top. `flags` holds only the options the user actually gave (None values are dropped);
+    `set_options` the training settings given with `--set` (a caller refuses a key given both
+    ways). A bad value is reported as the user gave it (`setting_source`).
     """
     preset = load_training_preset(preset_name)
     file_values = preset.model_dump(exclude={"name"}, exclude_unset=True)
@@ -273,8 +302,14 @@ def resolve_training(preset_name: str, flags: dict[str, Any] | None = None) -> T
 
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     try:
-        resolved = _Resolved(**given)
+        resolved = _Resolved(**{**(set_options or {}), **given})
     except ValidationError as exc:
+        first = exc.errors()[0]
+        field = _field(first)
+        if field in given or field in (set_options or {}) or f"MMKIT_{field.upper()}" in map(str.upper, os.environ):
+            value = given.get(field, (set_options or {}).get(field))
+            source = setting_source(preset_name, field, value, given, set_options)
+            raise MmkitError(f"{source}: {first['msg']}{_more(exc)}") from None
         raise MmkitError(validation_message(f"training settings (preset {preset_name!r})", exc)) from None
     return TrainingSettings.model_construct(**resolved.model_dump())
 

@@ -53,6 +53,17 @@ def test_count_table_labels_macs_and_flops() -> None:
     assert "2,365,962" in result.stdout
 
 
+def test_piped_output_keeps_each_message_on_one_line() -> None:
+    """Into a pipe (CliRunner is not a terminal) nothing is wrapped at 80 columns: grep finds whole phrases."""
+    result = invoke("count", "multichannel")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    note = next(line for line in lines if line.startswith("Parameters counted on the meta device"))
+    assert len(note) > 80 and note.rstrip().endswith("is often MACs.")
+    assert "multichannel · size default — compute (exact, see note)" in lines  # a table title, whole
+    assert max(len(line) for line in lines if line.startswith("┏")) < 120  # tables as wide as their cells
+
+
 def test_count_set_with_and_without_model_prefix() -> None:
     a = json.loads(invoke("count", "multichannel", "--set", "model.width=256", "--json").stdout)
     b = json.loads(invoke("count", "multichannel", "--set", "width=256", "--json").stdout)

@@ -133,3 +133,30 @@ def test_each_side_may_bring_its_own_recipe(tmp_path: Path) -> None:
     text = markdown.read_text()
     assert "| recipe (preset, batch, precision) | quick, batch 32, fp32 | half-data, batch 32, bf16 |  |" in text
     assert "memory (simulated, each side's batch and precision" in text
+
+
+def test_names_the_cpu_and_warns_when_the_load_exceeded_the_cores(tmp_path: Path, monkeypatch) -> None:
+    samples = iter([0.5, 0.5, 99.0])  # busy only at the third sample
+    monkeypatch.setattr("os.getloadavg", lambda: (next(samples, 0.5), 0.0, 0.0))
+    markdown = tmp_path / "table.md"
+    result = runner.invoke(app, ["compare", "multichannel:w16", "multichannel:w32", "--device", "cpu", "--seeds", "1",
+                                 "--epochs", "1", "--set", "train_fraction=0.02", "--json", "--markdown", str(markdown)])
+    assert result.exit_code == 0, result.output
+    machine = json.loads(result.stdout)["machine"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu_capability"] == capability and machine["cores"] >= 1
+    assert machine["max_load_average"] == 99.0 and machine["overloaded"] is True
+    warning = next(line for line in result.stderr.splitlines() if "load average" in line)
+    assert f"reached 99.00 on {machine['cores']} cores" in warning and "times are unreliable" in warning
+    text = markdown.read_text()
+    assert f"speed (measured on cpu ({capability}, {machine['cores']} cores);" in text
+    assert "Warning: the 1-minute load average reached 99.00" in text
+
+
+def test_no_load_warning_on_a_quiet_machine(monkeypatch) -> None:
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    result = runner.invoke(app, ["compare", "multichannel:w16", "multichannel:w32", "--device", "cpu", "--seeds", "1",
+                                 "--epochs", "1", "--set", "train_fraction=0.02"])
+    assert result.exit_code == 0, result.output
+    assert "load average" not in result.output
+    assert "speed (measured on cpu (" in result.stdout

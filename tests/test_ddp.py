@@ -28,6 +28,7 @@ from mmkit.cli.app import app
 from mmkit.data.datasets import load_dataset
 from mmkit.errors import MmkitError
 from mmkit.models.registry import build_model
+from mmkit.settings import builtin_preset_dir
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import Launch, World, check_batch_split
 from mmkit.train.loop import evaluate_with_loss
@@ -274,7 +275,8 @@ def test_two_nodes_through_the_static_rendezvous(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--nproc-per-node", "0"], "--nproc-per-node"),
-        (["--nproc-per-node", "3"], "--batch-size 32 is the global batch and must split evenly across 3 processes"),
+        (["--nproc-per-node", "3"],  # the preset's batch, named as the preset's
+         "batch_size = 32 in " + str(builtin_preset_dir() / "training" / "quick.toml") + " is the global batch"),
         (["--nproc-per-node", "2", "--batch-size", "33"], "pick a multiple of 2 (e.g. 32, 34)"),
         (["--nproc-per-node", "2", "--nnodes", "2"], "--nnodes 2 needs --node-rank"),
         (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:29500"], "--node-rank 2 is outside 0..1"),

@@ -72,9 +72,9 @@ def test_the_probe_times_each_layer_kind_of_the_model() -> None:
 
 
 def scripted_timer(bf16_ratio: float, calls: list[str]):
-    def timer(shape: LayerShape, batch: int) -> dict[str, float]:
+    def timer(shape: LayerShape, batch: int, precisions: tuple[str, ...]) -> dict[str, float]:
         calls.append(shape.key)
-        return {"fp32": 1e-3, "bf16": 1e-3 * bf16_ratio}
+        return {"fp32": 1e-3 * batch, "bf16": 1e-3 * batch * bf16_ratio}
 
     return timer
 
@@ -107,7 +107,7 @@ def test_the_probe_is_measured_once_then_cached(monkeypatch: pytest.MonkeyPatch,
     assert not first.cached and first.speedup > 0 and first.coverage == pytest.approx(1.0, abs=0.01)
     assert all(t.seconds["fp32"] > 0 and t.seconds["bf16"] > 0 for t in first.timings)
 
-    def never(shape: LayerShape, batch: int) -> dict[str, float]:
+    def never(shape: LayerShape, batch: int, precisions: tuple[str, ...]) -> dict[str, float]:
         raise AssertionError("timed again")
 
     again = probe_cpu(entry, config, timer=never)

@@ -202,9 +202,11 @@ def test_plot_without_matplotlib_says_how_to_install(
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs the plot extra (matplotlib)")
 def test_plot_writes_pngs(finished_run: Path, tmp_path: Path) -> None:
-    ok("eval", finished_run, "--plot", tmp_path / "plots")
-    assert (tmp_path / "plots" / "confusion_matrix.png").stat().st_size > 0
-    assert (tmp_path / "plots" / "training_curves.png").stat().st_size > 0
+    doc = json.loads(ok("eval", finished_run, "--plot", tmp_path / "plots", "--json").stdout)
+    assert sorted(Path(p).name for p in doc["plots"]) == ["confusion_matrix.png", "training_curves.png"]
+    for path in map(Path, doc["plots"]):
+        assert path.parent == tmp_path / "plots"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:

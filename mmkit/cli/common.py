@@ -9,15 +9,49 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+from rich.table import Table
+from rich.text import Text
 
 from mmkit.errors import MmkitError
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+UNWRAPPED_WIDTH = 10_000  # into a pipe or a file: wide enough that no line is ever wrapped
+
+
+class _Console(Console):
+    """Rich's console, wrapping at the terminal's width on a terminal. Into a pipe or a file (and
+    with no COLUMNS set) it does not wrap: a message stays on one line for grep and scripts, and a
+    table takes the width its cells need instead of breaking them at 80 columns."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and "COLUMNS" not in self._environ and not _writes_to_terminal(self.file):
+            return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+        return size
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self.width == UNWRAPPED_WIDTH:  # a table's title wraps at the table's width: not here
+            for table in objects:
+                if isinstance(table, Table) and isinstance(table.title, str):
+                    title = Text.from_markup(table.title, style="table.title")
+                    title.no_wrap, title.overflow = True, "ignore"
+                    table.title = title
+        super().print(*objects, **kwargs)
+
+
+def _writes_to_terminal(file: Any) -> bool:
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+console = _Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
 
 
 def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:

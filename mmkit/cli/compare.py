@@ -44,9 +44,11 @@ def compare_cli(
     """Compare two models on the same data: exact counts, simulated memory, measured speed and learning.
 
     A spec is MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET (that side's own training recipe).
+
+    Static and learning numbers repeat exactly on the same machine and torch build; only timings vary.
     """
     from mmkit.plan.hardware import resolve_gpu
-    from mmkit.train.compare import compare
+    from mmkit.train.compare import compare, load_warning
 
     if separate_mode not in ("joint", "independent"):
         raise MmkitError(f"--separate-mode must be 'joint' or 'independent', got {separate_mode!r}")
@@ -80,10 +82,24 @@ def compare_cli(
             console.print(f"[bold]verdict:[/bold] {escape(result['verdict'])}")
         if markdown is not None:
             console.print(f"wrote {markdown}")
+    warning = load_warning(result.get("machine", {}))
+    if warning:  # on stderr, so that --json stays one document
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def _ratio(x: float, y: float) -> str:
     return f"{x / y:.3f}" if y else "-"
+
+
+def _machine(result: dict[str, Any]) -> str:
+    """`cpu (AVX512, 2 cores)` on a CPU, else the device."""
+    device, machine = result["settings"]["device"], result.get("machine", {})
+    if device != "cpu":
+        return device
+    details = [machine["cpu_capability"]] if machine.get("cpu_capability") else []
+    if machine.get("cores"):
+        details.append(f"{machine['cores']} cores")
+    return f"cpu ({', '.join(details)})" if details else "cpu"
 
 
 def _recipe(side: dict[str, Any]) -> str:
@@ -123,7 +139,7 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
     rows.append(("inference peak tensors", f"{sa['inference_peak_tensors']:,} B", f"{sb['inference_peak_tensors']:,} B",
                  _ratio(sa["inference_peak_tensors"], sb["inference_peak_tensors"])))
     if "speed" in a:
-        rows.append((f"speed (measured on {s['device']}; median [p25–p75] of interleaved rounds)", "", "", ""))
+        rows.append((f"speed (measured on {_machine(result)}; median [p25–p75] of interleaved rounds)", "", "", ""))
         ta, tb = a["speed"]["train_step_seconds"], b["speed"]["train_step_seconds"]
         fmt_t = lambda q: f"{q['median'] * 1000:.2f} ms [{q['p25'] * 1000:.2f}–{q['p75'] * 1000:.2f}]"
         fmt_i = lambda q: f"{q['median']:,.0f}/s [{q['p25']:,.0f}–{q['p75']:,.0f}]"
@@ -174,4 +190,9 @@ def to_markdown(result: dict[str, Any], rows: list[Row]) -> str:
             lines.append(f"| {label} | {va} | {vb} | {ratio} |")
     if "verdict" in result:
         lines += ["", f"Verdict: {result['verdict']}"]
+    from mmkit.train.compare import load_warning
+
+    warning = load_warning(result.get("machine", {}))
+    if warning:
+        lines += ["", f"Warning: {warning}"]
     return "\n".join(lines) + "\n"

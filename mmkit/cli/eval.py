@@ -69,7 +69,9 @@ def eval_cli(
         from mmkit.train.loop import read_history
         from mmkit.train.plots import write_plots
 
-        document["plots"] = [str(p) for p in write_plots(plot, read_history(run), metrics, dataset.classes)]
+        written = write_plots(plot, read_history(run), metrics, dataset.classes, model=config.model,
+                              run_name=run.resolve().name, split=split)
+        document["plots"] = [str(p) for p in written]
     if json_output:
         print_json(document)
     else:

@@ -43,6 +43,10 @@ MAX_PROBED = 4  # the layer shapes timed: a model's FLOPs sit in few distinct sh
 COVERAGE = 0.9  # ... enough of them to carry this share of the hooked layers' FLOPs
 PROBE_FLOPS = 5e7  # forward FLOPs of one timed call: ~1 ms at the ~50 GFLOP/s a 2-core CPU sustains
 ROUNDS = 3  # interleaved fp32/bf16 rounds after one warm-up call each; the median of each is kept
+LONG_CALL_SECONDS = 0.3  # a call this long is timed once after its warm-up (slow bf16 kernels take seconds)
+MAX_GROWTH = 16  # the fp32 batch grows (doubling) to at most 16 × the probe batch ...
+GROWTH_GAIN = 0.85  # ... while each doubling makes a sample at least 15 % cheaper ...
+GROWTH_CALL_SECONDS = 0.25  # ... and one call takes less than this
 CAPTURE_BATCH = 2  # the meta forward that records layer shapes (per-sample figures divide by it)
 OPTIMIZER_PROBE_PARAMS = 2**20
 CACHE_FILE = "cpu-probe.json"
@@ -76,11 +80,14 @@ class LayerShape:
 class LayerTiming:
     layer: LayerShape
     probe_batch: int
-    seconds: dict[str, float]  # "fp32" / "bf16": median forward + backward of one probe call
+    seconds: dict[str, float]  # "fp32" / "bf16": median forward + backward of one call at probe_batch
+    fp32_per_sample: float  # fp32 seconds per sample at the batch where it stopped getting cheaper
 
     def per_sample(self, precision: str) -> float:
-        """Seconds of forward + backward of all this shape's calls, for one sample."""
-        return self.seconds[precision] / self.probe_batch * self.layer.calls
+        """Seconds of forward + backward of all this shape's calls, for one sample: fp32 as measured
+        at an efficient batch, bf16 by the ratio measured at the probe batch."""
+        ratio = self.seconds["bf16"] / self.seconds["fp32"] if precision == "bf16" else 1.0
+        return self.fp32_per_sample * ratio * self.layer.calls
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,8 @@ class CpuProbe:
             "machine": self.machine, "bf16_speedup": self.speedup, "pinned": self.pinned_speedup is not None,
             "coverage": self.coverage, "cached": self.cached,
             "layers": [{"layer": t.layer.key, "calls": t.layer.calls, "probe_batch": t.probe_batch,
-                        "seconds": t.seconds} for t in self.timings],
+                        "seconds": t.seconds, "fp32_seconds_per_sample": t.fp32_per_sample}
+                       for t in self.timings],
         }
 
 
@@ -211,32 +219,46 @@ def dominant(shapes: list[LayerShape]) -> list[LayerShape]:
     return chosen
 
 
-Timer = Callable[[LayerShape, int], dict[str, float]]
+Timer = Callable[[LayerShape, int, tuple[str, ...]], dict[str, float]]
 
 
-def time_layer(shape: LayerShape, batch: int) -> dict[str, float]:
-    """Median seconds of one forward + backward of `shape` at `batch`, in fp32 and in bf16 autocast,
-    interleaved so that a change of load hits both alike."""
+def time_layer(shape: LayerShape, batch: int, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, float]:
+    """Median seconds of one forward + backward of `shape` at `batch`, in fp32 and/or in bf16
+    autocast, interleaved so that a change of load hits both alike."""
     with torch.random.fork_rng(devices=[]):  # a layer's init draws from the global RNG: leave the run's alone
         torch.manual_seed(0)
         layer = shape.build()
         x = torch.randn((batch, *shape.sample_shape)).requires_grad_()
 
-    def once(bf16: bool) -> float:
+    def once(precision: str) -> float:
         layer.zero_grad(set_to_none=True)
         x.grad = None
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             y = layer(x)
         y.float().sum().backward()
         return time.perf_counter() - start
 
-    once(False), once(True)  # warm-up: oneDNN builds its kernels on the first call
-    rounds: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for _ in range(ROUNDS):
-        rounds["fp32"].append(once(False))
-        rounds["bf16"].append(once(True))
+    warm_up = max(once(precision) for precision in precisions)  # oneDNN builds its kernels on the first call
+    rounds: dict[str, list[float]] = {precision: [] for precision in precisions}
+    for _ in range(ROUNDS if warm_up < LONG_CALL_SECONDS else 1):  # a long call is its own average
+        for precision in precisions:
+            rounds[precision].append(once(precision))
     return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+def fp32_per_sample(shape: LayerShape, batch: int, seconds: float, timer: Timer) -> float:
+    """fp32 seconds per sample at the batch where doubling it stops making a sample cheaper: a
+    small probe batch leaves matmul and convolution kernels (the weight gradient above all) short
+    of rows, 2-4 times less efficient than a training batch. `seconds`: one call at `batch`."""
+    per_sample, first = seconds / batch, batch
+    while batch * 2 <= MAX_GROWTH * first and seconds < GROWTH_CALL_SECONDS:
+        batch *= 2
+        seconds = timer(shape, batch, ("fp32",))["fp32"]
+        if seconds / batch > GROWTH_GAIN * per_sample:
+            return min(per_sample, seconds / batch)
+        per_sample = seconds / batch
+    return per_sample
 
 
 def time_optimizer() -> float:
@@ -313,11 +335,14 @@ def probe_cpu(entry: ModelEntry, config: ModelConfig, *, timer: Timer | None = N
     for shape in dominant(shapes):
         batch = probe_batch(shape)
         key = f"{shape.key}#b{batch}"
-        seconds = cache.get(key)
-        if not (isinstance(seconds, dict) and {"fp32", "bf16"} <= set(seconds)):
-            seconds, all_cached = timer(shape, batch), False
-            cache.put(key, seconds)
-        timed.append(LayerTiming(shape, batch, {k: float(seconds[k]) for k in ("fp32", "bf16")}))
+        entry = cache.get(key)
+        if not (isinstance(entry, dict) and {"fp32", "bf16", "fp32_per_sample"} <= set(entry)):
+            seconds = timer(shape, batch, ("fp32", "bf16"))
+            entry = {**seconds, "fp32_per_sample": fp32_per_sample(shape, batch, seconds["fp32"], timer)}
+            all_cached = False
+            cache.put(key, entry)
+        timed.append(LayerTiming(shape, batch, {k: float(entry[k]) for k in ("fp32", "bf16")},
+                                 float(entry["fp32_per_sample"])))
     optimizer = cache.get("optimizer.adamw")
     if not isinstance(optimizer, float):
         optimizer, all_cached = time_optimizer(), False

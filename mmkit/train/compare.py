@@ -13,11 +13,17 @@ Three blocks:
 A spec may carry its own recipe, `MODEL[:SIZE][@PRESET]`, to compare two whole recipes (the third
 seed's before/after: `clip:baseline@continual-baseline clip:default@continual`); each side is then
 simulated, timed and trained at its own batch and precision, and the table says so.
+
+Static and learning numbers repeat exactly on the same machine and torch build; timings vary. So
+the result names the machine: the CPU capability torch dispatches to (AVX2, AVX512, ...), the cores
+it may use, and the highest 1-minute load average sampled around every timed run; a load above the
+core count means other work competed for the CPU while timing, and the output warns.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -43,7 +49,13 @@ from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_st
 from mmkit.settings import GpuPreset, resolve_training
 from mmkit.train.continual import read_continual_metrics
 from mmkit.train.loop import train_run
-from mmkit.train.prepare import choose_precision, prepare_run, resolve_device, split_set_options
+from mmkit.train.prepare import (
+    check_continual_length,
+    choose_precision,
+    prepare_run,
+    resolve_device,
+    split_set_options,
+)
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
@@ -110,6 +122,48 @@ def static_block(spec: ModelSpec, overrides: dict[str, Any], config: Any, batch_
     }
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this OS
+        return os.cpu_count() or 1
+
+
+def cpu_capability() -> str | None:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class LoadWatch:
+    """Samples of the 1-minute load average, taken around the timed runs."""
+
+    def __init__(self) -> None:
+        self.cores = usable_cores()
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        try:
+            self.samples.append(os.getloadavg()[0])
+        except (AttributeError, OSError):  # not available on this OS
+            pass
+
+    def machine(self) -> dict[str, Any]:
+        """The `machine` block of the result."""
+        peak = max(self.samples) if self.samples else None
+        return {"cpu_capability": cpu_capability(), "cores": self.cores, "max_load_average": peak,
+                "overloaded": peak is not None and peak > self.cores}
+
+
+def load_warning(machine: dict[str, Any]) -> str | None:
+    """One line when the load average exceeded the core count while timing, else None."""
+    if not machine.get("overloaded"):
+        return None
+    return (f"the 1-minute load average reached {machine['max_load_average']:.2f} on {machine['cores']} "
+            "cores while timing: other work competed for the CPU, so the speed and wall times are unreliable")
+
+
 def _timed(device: torch.device, fn: Callable[[], None]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,7 +175,8 @@ def _timed(device: torch.device, fn: Callable[[], None]) -> float:
 
 
 def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, batch_sizes: list[int],
-                precisions: list[str], device: torch.device, seed: int) -> list[dict[str, Any]]:
+                precisions: list[str], device: torch.device, seed: int,
+                load: LoadWatch | None = None) -> list[dict[str, Any]]:
     """Interleaved timing: A, B, A, B, … so that drifts of the machine hit both alike."""
     train_idx = dataset.indices("train")
     batches = []
@@ -164,10 +219,14 @@ def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, ba
     step_times: list[list[float]] = [[] for _ in rigs]
     infer_times: list[list[float]] = [[] for _ in rigs]
     for _ in range(TIMED_ROUNDS):
+        if load is not None:
+            load.sample()
         for i in range(len(rigs)):
             step_times[i].append(_timed(device, train_step(i)))
         for i in range(len(rigs)):
             infer_times[i].append(_timed(device, infer(i)))
+    if load is not None:
+        load.sample()
 
     blocks = []
     for i, (spec, config) in enumerate(zip(specs, configs, strict=True)):
@@ -192,7 +251,8 @@ CONTINUAL_FIGURES = ("average_accuracy", "forgetting", "forgetting_max", "bwt")
 
 def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, data: str, data_seed: int,
                    seeds: list[int], flags: dict[str, Any], training_sets: dict[str, Any], device: str,
-                   dataset: Dataset, progress: Callable[[str], None]) -> dict[str, Any]:
+                   dataset: Dataset, progress: Callable[[str], None],
+                   load: LoadWatch | None = None) -> dict[str, Any]:
     runs = []
     peak_cuda = torch.device(device).type == "cuda"
     for seed in seeds:
@@ -205,9 +265,13 @@ def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, 
         if peak_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         with tempfile.TemporaryDirectory(prefix="mmkit-compare-") as tmp:
+            if load is not None:
+                load.sample()
             start = time.perf_counter()
             outcome = train_run(Path(tmp) / "run", prepared.config, dataset=dataset)
             seconds = time.perf_counter() - start
+            if load is not None:
+                load.sample()
             figures = read_continual_metrics(outcome.run_dir) if prepared.config.training.tasks else None
         test = outcome.test
         run = {"seed": seed, "accuracy": test.accuracy, "uar": test.uar, "war": test.war,
@@ -267,7 +331,9 @@ def compare(
     if twice:
         raise MmkitError(f"{twice[0]!r} given both as a flag and with --set; give it once")
     presets = [spec.preset or preset for spec in specs]
-    recipes = [resolve_training(p, {**flags, **training_sets}) for p in presets]
+    recipes = [resolve_training(p, flags, training_sets) for p in presets]
+    for p, recipe in zip(presets, recipes, strict=True):
+        check_continual_length(p, recipe, {k: v for k, v in flags.items() if v is not None}, training_sets)
     batches = [int(r.batch_size) if r.batch_size != "auto" else 32 for r in recipes]
     device = resolve_device(device)
 
@@ -315,12 +381,15 @@ def compare(
             / static[1]["train_memory"]["peak_tensors"],
         },
     }
+    load = LoadWatch()
+    result["machine"] = load.machine()
     if epochs == 0:
         result["settings"]["epochs"] = 0
         return result  # static only
 
     progress("speed: interleaved timing")
-    speed = speed_block(specs, configs, dataset, batches, precisions, torch.device(device), recipes[0].seed)
+    speed = speed_block(specs, configs, dataset, batches, precisions, torch.device(device), recipes[0].seed,
+                        load=load)
     result["a"]["speed"], result["b"]["speed"] = speed
     result["ratios"]["train_step_time"] = (
         speed[0]["train_step_seconds"]["median"] / speed[1]["train_step_seconds"]["median"]
@@ -334,7 +403,9 @@ def compare(
         result[key]["learning"] = learning_block(
             spec, sets, preset=spec_preset, data=data_spec, data_seed=data_seed, seeds=seed_list,
             flags=flags, training_sets=training_sets, device=device, dataset=dataset, progress=progress,
+            load=load,
         )
+    result["machine"] = load.machine()
     la, lb = result["a"]["learning"], result["b"]["learning"]
     result["settings"]["epochs"] = la["epochs"] if la["epochs"] == lb["epochs"] else None
     for key, block in (("a", la), ("b", lb)):

@@ -124,16 +124,18 @@ def no_sync(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
 
-def check_batch_split(world_size: int, batch_size: int, train_samples: int | None = None) -> None:
+def check_batch_split(world_size: int, batch_size: int, train_samples: int | None = None,
+                      given_as: str | None = None) -> None:
     """The global batch must split evenly, and the epoch's last (smaller) batch must give every
-    rank at least one sample."""
+    rank at least one sample. `given_as` names where the batch came from (default `--batch-size N`)."""
     if world_size < 1:
         raise MmkitError(f"the number of processes must be at least 1, got {world_size}")
     if batch_size % world_size:
         lower, upper = batch_size // world_size * world_size, -(-batch_size // world_size) * world_size
         choices = ", ".join(str(b) for b in dict.fromkeys((lower, upper)) if b > 0)
+        given_as = given_as or f"--batch-size {batch_size}"
         raise MmkitError(
-            f"--batch-size {batch_size} is the global batch and must split evenly across {world_size} "
+            f"{given_as} is the global batch and must split evenly across {world_size} "
             f"processes; pick a multiple of {world_size} (e.g. {choices})"
         )
     if train_samples is not None:

@@ -31,7 +31,7 @@ from mmkit.models.registry import (
 )
 from mmkit.plan.memory import with_gradient_checkpointing
 from mmkit.plan.precision import PrecisionChoice, run_precision
-from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training
+from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training, setting_source
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import check_batch_split
 
@@ -105,10 +105,24 @@ def resolve_recipe(
     if twice:
         key = twice[0]
         raise MmkitError(f"{key} is given twice, as --{key.replace('_', '-')} and as --set {key}=...; keep one")
-    recipe = resolve_training(preset, {**training_sets, **given})
+    recipe = resolve_training(preset, given, training_sets)
+    check_continual_length(preset, recipe, given, training_sets)
     if recipe.batch_size != "auto":
-        check_batch_split(world_size, int(recipe.batch_size))
+        check_batch_split(world_size, int(recipe.batch_size),
+                          given_as=setting_source(preset, "batch_size", recipe.batch_size, given, training_sets))
     return recipe
+
+
+def check_continual_length(preset: str, recipe: TrainingSettings, given: Mapping[str, Any],
+                           training_sets: Mapping[str, Any]) -> None:
+    """A continual recipe runs tasks × epochs_per_task epochs: refuse an `epochs` it would ignore."""
+    if recipe.tasks and ("epochs" in given or "epochs" in training_sets):
+        raise MmkitError(
+            f"{setting_source(preset, 'epochs', recipe.epochs, given, training_sets)}: a continual recipe trains "
+            f"tasks × epochs_per_task epochs ({recipe.tasks} × {recipe.epochs_per_task}; "
+            f"{setting_source(preset, 'tasks', recipe.tasks, given, training_sets)}); "
+            "set its length with --set epochs_per_task=N"
+        )
 
 
 def prepare_run(
@@ -127,14 +141,20 @@ def prepare_run(
     entry = get_model_entry(model)
     model_sets, training_sets = split_set_options(set_options or {})
     recipe = resolve_recipe(preset, flags, training_sets, world_size)
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    if recipe.size != "auto":  # an unknown size names the flag, --set or preset it came from
+        try:
+            size_config(entry, recipe.size)
+        except MmkitError as exc:
+            raise MmkitError(f"{setting_source(preset, 'size', recipe.size, given, training_sets)}: {exc}") from None
     data_spec = data or entry.default_data
     data_seed = recipe.seed if data_seed is None else data_seed
     dataset = load_dataset(data_spec, seed=data_seed)
     overrides = {**data_overrides(entry, dataset.input_shapes(), dataset.num_classes), **model_sets}
 
     device = resolve_device(device)
-    given = {key for key, value in (flags or {}).items() if value is not None} | set(training_sets)
-    choice = choose_precision(entry, str(recipe.size), overrides, recipe.precision, given="precision" in given,
+    choice = choose_precision(entry, str(recipe.size), overrides, recipe.precision,
+                              given="precision" in given or "precision" in training_sets,
                               device=device)
     precision = choice.precision
     notes = [choice.note] if choice.note else []
@@ -182,8 +202,9 @@ def prepare_run(
     if recipe.tasks:  # continual: the run's epochs are the whole stream's
         with torch.device("meta"):
             if not hasattr(build_model(entry, config), "encode_text"):
+                tasks = setting_source(preset, "tasks", recipe.tasks, given, training_sets)
                 raise MmkitError(
-                    f"continual training needs an image-text model (clip, fusion); {model!r} is not one"
+                    f"continual training ({tasks}) needs an image-text model (clip, fusion); {model!r} is not one"
                 )
         resolved = resolved.model_copy(update={"epochs": recipe.tasks * recipe.epochs_per_task})
     run_config = RunConfig(
