@@ -71,13 +71,40 @@ def _compare(label_a: str, a: Callable[[], float], label_b: str, b: Callable[[],
             "speedup": paired_ratio(times[label_a], times[label_b]), "rounds": rounds}
 
 
-def amp(quick: bool) -> list[dict[str, Any]]:
+# A CPU without bf16 kernels, on this one: torch's own kernels and oneDNN's both capped at AVX2 (the
+# variables must be set before torch loads, so these rows are measured in a child process)
+AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def amp_rows(quick: bool) -> list[dict[str, Any]]:
+    """fp32 against bf16 autocast on this process's CPU kernels, with the capability they ran at."""
+    import os
+
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    capability = f"{torch.backends.cpu.get_cpu_capability()}" + (f" (oneDNN capped at {capped})" if capped else "")
     rows = []
     for model, size, batch in (("multichannel", "default", 256), ("lfm2", "rtx3050", 32)):
         rounds = 2 if quick else (4 if model == "lfm2" else 8)
         result = _compare("fp32", step_rig(model, size, batch, "fp32"), "bf16", step_rig(model, size, batch, "bf16"),
                           rounds)
-        rows.append({"model": f"{model}:{size}", "batch_size": batch, **result})
+        rows.append({"model": f"{model}:{size}", "batch_size": batch, "cpu_capability": capability, **result})
+    return rows
+
+
+def _avx2_rows(quick: bool) -> list[dict[str, Any]]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = f"import json; from bench.speedups import amp_rows; print(json.dumps(amp_rows({quick!r})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, **AVX2_ENVIRONMENT})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def amp(quick: bool) -> list[dict[str, Any]]:
+    rows = amp_rows(quick) + _avx2_rows(quick)
     if not quick:
         import tempfile
         from pathlib import Path
@@ -210,10 +237,11 @@ def to_markdown(part: dict[str, Any]) -> str:
     lines: list[str] = []
     if part.get("amp"):
         lines += ["**AMP on the CPU** (bf16 autocast; one training step, median of interleaved rounds):", "",
-                  "| model | batch | fp32 | bf16 | speed-up |", "|---|---:|---:|---:|---:|"]
+                  "| model | batch | CPU capability | fp32 | bf16 | speed-up |", "|---|---:|---|---:|---:|---:|"]
         for r in part["amp"]:
-            lines.append(f"| {r['model']} | {r['batch_size']} | {ms(r['fp32']['median'])} | {ms(r['bf16']['median'])} "
-                         f"| ×{r['speedup']:.2f} |")
+            capability = r.get("cpu_capability", "not recorded")  # reports written before it was
+            lines.append(f"| {r['model']} | {r['batch_size']} | {capability} | {ms(r['fp32']['median'])} "
+                         f"| {ms(r['bf16']['median'])} | ×{r['speedup']:.2f} |")
         train = part["amp"][0].get("train_quick")
         if train:
             lines += ["", f"Accuracy effect, `mmkit train multichannel --preset quick` (seed 0): test accuracy "
