@@ -2,9 +2,11 @@
 
     python -m bench.latency [--quick] [--repeats N]
 
-`python -c "import torch"` (the floor any torch program pays), `mmkit count lfm2 --size original`
-and `mmkit memory-plan --gpu rtx3050` (lfm2, auto size and batch) run in turn, `repeats` times
-each; medians. Peak RSS is each command's own maximum resident set (`os.wait4` in a small launcher).
+`python -c pass` (the floor any Python program pays), `mmkit --version` and `mmkit count --help`
+(start-up: answered without importing torch), `python -c "import torch"` (the floor any torch
+program pays), `mmkit count lfm2 --size original` and `mmkit memory-plan --gpu rtx3050` (lfm2, auto
+size and batch) run in turn, `repeats` times each; medians. Peak RSS is each command's own maximum
+resident set (`os.wait4` in a small launcher).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from typing import Any
 
 from bench.common import goal, part_main, quartiles
 
+GOAL_STARTUP_EXTRA_SECONDS = 0.3
 GOAL_COUNT_EXTRA_SECONDS = 1.5
 GOAL_COUNT_RSS_BYTES = 300 * 10**6
 GOAL_PLAN_SECONDS = 10.0
 
 COMMANDS = {
+    "python -c pass": [sys.executable, "-c", "pass"],
+    "mmkit --version": [sys.executable, "-m", "mmkit", "--version"],
+    "mmkit count --help": [sys.executable, "-m", "mmkit", "count", "--help"],
     "import torch": [sys.executable, "-c", "import torch"],
     "count lfm2 --size original": [sys.executable, "-m", "mmkit", "count", "lfm2", "--size", "original"],
     "memory-plan --gpu rtx3050": [sys.executable, "-m", "mmkit", "memory-plan", "--gpu", "rtx3050"],
@@ -62,6 +68,13 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
              "peak_rss_bytes": max(rss[name])} for name in COMMANDS]
     by_name = {r["command"]: r for r in rows}
     goals = []
+    python = by_name.get("python -c pass")
+    for name in ("mmkit --version", "mmkit count --help"):
+        startup = by_name.get(name)
+        if python and startup:
+            extra = startup["seconds"]["median"] - python["seconds"]["median"]
+            goals.append(goal(f"`{name}` beyond `python -c pass`", f"≤ {GOAL_STARTUP_EXTRA_SECONDS} s",
+                              f"{extra:.2f} s", extra <= GOAL_STARTUP_EXTRA_SECONDS, NOTE_STARTUP))
     floor = by_name.get("import torch")
     count = by_name.get("count lfm2 --size original")
     if floor and count:
@@ -77,6 +90,13 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
                           f"{plan['seconds']['median']:.2f} s", plan["seconds"]["median"] <= GOAL_PLAN_SECONDS,
                           NOTE_PLAN))
     return {"rows": rows, "goals": goals}
+
+
+NOTE_STARTUP = (
+    "help, version, completion and usage errors (an unknown model name included) import neither torch nor "
+    "the model families; what remains is Typer, click and rich importing (and, for --help, laying out "
+    "the help)"
+)
 
 
 NOTE_COUNT = (

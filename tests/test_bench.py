@@ -27,6 +27,7 @@ def test_a_quick_latency_run_writes_the_report(tmp_path: Path, monkeypatch: pyte
     for row in part["rows"]:
         assert row["seconds"]["median"] > 0 and row["peak_rss_bytes"] > 0
     assert [g["goal"] for g in part["goals"]] == [
+        "`mmkit --version` beyond `python -c pass`", "`mmkit count --help` beyond `python -c pass`",
         "`count lfm2 --size original` beyond `import torch`", "`count lfm2 --size original` peak RSS",
         "`memory-plan --gpu rtx3050` (auto size and batch)",
     ]

@@ -83,7 +83,7 @@ def main() -> None:
         if MmkitSettings().debug:
             raise
         from mmkit.cli.launch import worker_rank
-        from mmkit.train.distributed import in_worker
+        from mmkit.train.workers import in_worker
 
         rank = f"[rank {worker_rank()}] " if in_worker() else ""  # which process of a torchrun run
         print(

@@ -77,7 +77,7 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
 
 def parse_set_options(items: list[str] | None, strip_prefix: str | None = None) -> dict[str, Any]:
     """`["model.width=256", "lr=3e-4"]` → `{"model.width": 256, "lr": 0.0003}`."""
-    from mmkit.models.registry import parse_override_value
+    from mmkit.models.catalog import parse_override_value  # torch-free: parsed before torch loads
 
     overrides: dict[str, Any] = {}
     for item in items or []:

@@ -15,15 +15,14 @@ from mmkit.cli.common import (
     parse_set_options,
     print_json,
 )
+from mmkit.models.catalog import BUILTIN_MODELS, check_model_name
 
 if TYPE_CHECKING:
     from mmkit.plan.count import ComponentCount, CountReport
 
 
 def _complete_model(incomplete: str) -> list[str]:
-    from mmkit.models import list_models
-
-    return [m for m in list_models() if m.startswith(incomplete)]
+    return [m for m in BUILTIN_MODELS if m.startswith(incomplete)]  # the shell waits on this: no torch
 
 
 @one_line_errors
@@ -43,9 +42,10 @@ def count_cli(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Count parameters per component, MACs and FLOPs, and weight bytes — exactly, on the meta device."""
+    overrides = parse_set_options(set_, strip_prefix="model.")
+    check_model_name(model)  # a mistyped name is reported before torch loads
     from mmkit.plan.count import count_model
 
-    overrides = parse_set_options(set_, strip_prefix="model.")
     report = count_model(model, size=size, overrides=overrides, batch_size=batch_size, depth=depth)
     if json_output:
         print_json(report.as_dict())

@@ -16,7 +16,8 @@ from typing import Annotated, Any
 import typer
 import typer.core
 
-from mmkit.train.distributed import Launch, in_worker, launch_workers
+# torch-free: these options are checked, and `--help` shown, before torch is loaded
+from mmkit.train.workers import Launch, in_worker
 
 # Typer >= 0.20 vendors click as typer._click; older releases use click itself.
 click: Any = getattr(typer.core, "_click", None) or __import__("click")
@@ -72,6 +73,8 @@ def worker_args(command: str, overrides: dict[str, str]) -> list[str]:
 
 def run_launch(launch: Launch, command: str, run_dir: Path, overrides: dict[str, str]) -> None:
     """Start the workers and exit with their outcome (one line on stderr when no worker said it)."""
+    from mmkit.train.distributed import launch_workers
+
     outcome = launch_workers(launch, worker_args(command, overrides), str(run_dir))
     if outcome.message:
         print(f"mmkit: error: {outcome.message}", file=sys.stderr)

@@ -18,6 +18,7 @@ from mmkit.cli.common import (
     print_json,
 )
 from mmkit.errors import MmkitError
+from mmkit.models.catalog import check_model_name
 
 if TYPE_CHECKING:
     from mmkit.models.registry import ModelEntry
@@ -56,9 +57,6 @@ def memory_plan_cli(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Simulate training memory by category on fake tensors and fit size and batch to a GPU."""
-    from mmkit.models.registry import data_overrides, get_model_entry
-    from mmkit.plan.hardware import resolve_gpu
-    from mmkit.plan.planner import plan_memory
     from mmkit.settings import MmkitSettings, resolve_training
 
     if prefer not in (None, "width", "batch"):
@@ -83,6 +81,11 @@ def memory_plan_cli(
             f"--prefer {prefer} only applies when size and batch are both auto "
             f"(here size {recipe.size}, batch {recipe.batch_size})"
         )
+    check_model_name(model)  # a mistyped name is reported before torch loads, and before any note
+    from mmkit.models.registry import data_overrides, get_model_entry
+    from mmkit.plan.hardware import resolve_gpu
+    from mmkit.plan.planner import plan_memory
+
     gpu_preset, gpu_note = resolve_gpu(gpu)
     notes = [gpu_note] if gpu_note else []
     overrides = parse_set_options(set_, strip_prefix="model.")

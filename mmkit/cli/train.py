@@ -25,6 +25,7 @@ from mmkit.cli.launch import (
     run_launch,
 )
 from mmkit.errors import MmkitError
+from mmkit.models.catalog import check_model_name
 
 if TYPE_CHECKING:
     from mmkit.train.distributed import World
@@ -78,14 +79,15 @@ def train_cli(
 ) -> None:
     """Train a model: AMP, clipping, schedules, progress, safe checkpoints, a final test evaluation.
     --batch-size is the global batch: with N processes each trains on batch / N samples per step."""
-    from mmkit.train.distributed import process_group
-    from mmkit.train.loop import train_run
-    from mmkit.train.prepare import prepare_run, resolve_device
-
     flags = {"epochs": epochs, "batch_size": parse_auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
              "train_fraction": train_fraction, "compile": compile_}
     set_options = parse_set_options(set_)
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    check_model_name(model)  # a mistyped name is reported before torch loads
+    from mmkit.train.distributed import process_group
+    from mmkit.train.loop import train_run
+    from mmkit.train.prepare import prepare_run, resolve_device
+
     if launch is not None:
         _check_before_launch(model, preset, flags, set_options, launch.world_size)
         run_dir = out or _default_run_dir(model, preset)  # fixed here: every worker gets the same --out

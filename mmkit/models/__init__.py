@@ -1,17 +1,25 @@
-"""Model families. Importing this package registers every family with the registry."""
+"""Model families. Taking any name below from this package registers every family first.
 
-from mmkit.models import clip, fusion, lfm2, multichannel, separate  # noqa: F401  (registration)
-from mmkit.models.registry import (
-    InputSpec,
-    ModelConfig,
-    MultimodalModel,
-    create_model,
-    get_model_entry,
-    list_models,
-    logits_of,
-    register_model,
-    resolve_config,
-)
+The package loads lazily: importing `mmkit.models.catalog` (the built-in names the command line
+checks) imports neither torch nor a family.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmkit.models.registry import (
+        InputSpec,
+        ModelConfig,
+        MultimodalModel,
+        create_model,
+        get_model_entry,
+        list_models,
+        logits_of,
+        register_model,
+        resolve_config,
+    )
 
 __all__ = [
     "InputSpec",
@@ -24,3 +32,12 @@ __all__ = [
     "register_model",
     "resolve_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from mmkit.models import registry
+
+    registry._ensure_families_loaded()
+    return getattr(registry, name)

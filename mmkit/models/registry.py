@@ -11,7 +11,6 @@ e.g. `w192`), so that every point of the ladder has a name a user can type back 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from mmkit.errors import MmkitError, unknown_choice
+from mmkit.models.catalog import parse_override_value  # noqa: F401  (part of the registry's API)
 
 
 class ModelConfig(BaseModel):
@@ -155,7 +155,9 @@ def register_model(
 
 
 def _ensure_families_loaded() -> None:
-    import mmkit.models  # noqa: F401  (importing the package registers every family)
+    # the package itself loads lazily (so that mmkit.models.catalog stays torch-free): import the
+    # families here, each registers itself
+    from mmkit.models import clip, fusion, lfm2, multichannel, separate  # noqa: F401  (registration)
 
 
 def list_models() -> list[str]:
@@ -185,14 +187,6 @@ def size_config(entry: ModelEntry, size: str | None) -> tuple[str, ModelConfig]:
         return size, entry.sizes[entry.default_size].at_width(width)
     valid = [*entry.sizes, "w<width>, e.g. " + ", ".join(f"w{w}" for w in entry.ladder[:3])]
     raise MmkitError(f"unknown size {size!r} for model {entry.name!r}; valid: {', '.join(valid)}")
-
-
-def parse_override_value(text: str) -> Any:
-    """A `--set` value: JSON when it parses (numbers, lists, true/false), else the raw string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def _config_keys(config: BaseModel, prefix: str = "") -> list[str]:
