@@ -27,12 +27,12 @@ TRAIN_FRACTION = {"synthetic-cifar": 0.5, "synthetic-av": 0.25, "synthetic-fashi
 def epoch_data_share(data: str, model: str, train_fraction: float) -> dict[str, Any]:
     import mmkit.train.loop as loop
     from mmkit.data.datasets import clear_dataset_cache
-    from mmkit.train.prepare import prepare_run
+    from mmkit.train.resolve import RunOptions, resolve_run
 
     clear_dataset_cache()
     start = time.perf_counter()
-    prepared = prepare_run(model, preset="quick", data=data, device="cpu",
-                           flags={"epochs": 2, "train_fraction": train_fraction})
+    prepared = resolve_run(RunOptions(model=model, preset="quick", data=data, device="cpu", epochs=2,
+                                      train_fraction=train_fraction))
     generation = time.perf_counter() - start
     spent = {"seconds": 0.0, "batches": 0}
     original = loop.iterate_batches
@@ -56,11 +56,11 @@ def epoch_data_share(data: str, model: str, train_fraction: float) -> dict[str, 
     loop.iterate_batches = timed_batches
     try:
         with tempfile.TemporaryDirectory(prefix="mmkit-bench-") as tmp:
-            loop.train_run(Path(tmp) / "run", prepared.config, stop_after_epochs=1, dataset=prepared.dataset)
+            loop.train_run(Path(tmp) / "run", prepared.run_config(), stop_after_epochs=1, dataset=prepared.dataset)
             record = loop.read_history(Path(tmp) / "run")[0]
     finally:
         loop.iterate_batches = original
-    config = prepared.config
+    config = prepared.run_config()
     return {
         "data": data, "model": model, "size": config.size, "batch_size": config.training.batch_size,
         "train_fraction": train_fraction, "batches": spent["batches"], "data_seconds": spent["seconds"],

@@ -79,12 +79,11 @@ def planner_rows(quick: bool) -> list[dict[str, Any]]:
 
 def oom_backoff_row() -> dict[str, Any]:
     from mmkit.train.loop import SilentReporter, StepRunner
-    from mmkit.train.prepare import prepare_run
+    from mmkit.train.resolve import RunOptions, resolve_run
 
     batch = 64
-    prepared = prepare_run("lfm2", preset="quick", device="cuda",
-                           flags={"batch_size": batch, "size": "original", "epochs": 1})
-    config = prepared.config
+    config = resolve_run(RunOptions(model="lfm2", preset="quick", device="cuda", batch_size=batch, size="original",
+                                    epochs=1)).run_config()
     from mmkit.models.registry import build_model
     from mmkit.train.step import build_optimizer
 

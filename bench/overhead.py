@@ -89,13 +89,13 @@ def step_overhead(model: str, size: str, rounds: int, steps_per_block: int,
     from mmkit.data.datasets import iterate_batches
     from mmkit.models.registry import build_model
     from mmkit.train.loop import StepRunner, seed_everything
-    from mmkit.train.prepare import prepare_run
+    from mmkit.train.resolve import RunOptions, resolve_run
     from mmkit.train.schedule import learning_rate
     from mmkit.train.step import build_optimizer
 
-    prepared = prepare_run(model, preset="quick", device="cpu",
-                           flags={"batch_size": batch_size, "size": size, "epochs": 1, "train_fraction": 1.0})
-    config, dataset = prepared.config, prepared.dataset
+    resolved = resolve_run(RunOptions(model=model, preset="quick", device="cpu", batch_size=batch_size, size=size,
+                                      epochs=1, train_fraction=1.0))
+    config, dataset = resolved.run_config(), resolved.dataset
     recipe = config.training
     batches = list(iterate_batches(dataset, dataset.indices("train"), batch_size, shuffle=True,
                                    generator=torch.Generator().manual_seed(0), drop_last=True))[:steps_per_block]

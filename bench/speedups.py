@@ -30,9 +30,9 @@ PARTS = ("amp", "compile", "optimizer", "batch", "text_cache", "checkpointing")
 
 
 def _prepared(model: str, size: str, **flags: Any) -> Any:
-    from mmkit.train.prepare import prepare_run
+    from mmkit.train.resolve import RunOptions, resolve_run
 
-    return prepare_run(model, preset="quick", device="cpu", flags={"size": size, **flags})
+    return resolve_run(RunOptions(model=model, preset="quick", device="cpu", size=size, **flags))
 
 
 def step_rig(model: str, size: str, batch_size: int, precision: str = "fp32", *,
@@ -44,7 +44,7 @@ def step_rig(model: str, size: str, batch_size: int, precision: str = "fp32", *,
     from mmkit.train.loop import seed_everything
     from mmkit.train.step import build_optimizer, training_step
 
-    config = _prepared(model, size).config
+    config = _prepared(model, size).run_config()
     recipe = config.training
     model_config = apply_overrides(config.model_config_object(), overrides or {})
     seed_everything(0)
@@ -116,7 +116,7 @@ def amp(quick: bool) -> list[dict[str, Any]]:
             prepared = _prepared("multichannel", "default", precision=precision)
             with tempfile.TemporaryDirectory(prefix="mmkit-bench-") as tmp:
                 start = time.perf_counter()
-                outcome = train_run(Path(tmp) / "run", prepared.config, dataset=prepared.dataset)
+                outcome = train_run(Path(tmp) / "run", prepared.run_config(), dataset=prepared.dataset)
                 accuracy[precision] = {"test_accuracy": outcome.test.accuracy, "seconds": time.perf_counter() - start}
         rows[0]["train_quick"] = accuracy
     return rows
@@ -142,7 +142,7 @@ def optimizer_kernels(quick: bool) -> list[dict[str, Any]]:
 
     rows = []
     for model, size in (("multichannel", "default"), ("lfm2", "rtx3050")):
-        config = _prepared(model, size).config
+        config = _prepared(model, size).run_config()
         variants = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
         runs = {}
         params_count = 0
@@ -200,7 +200,7 @@ def checkpointing(quick: bool) -> list[dict[str, Any]]:
     from mmkit.plan.memory import StepSettings, measure_training_steps, simulate_training_step
 
     batch = 8 if quick else 32
-    config = _prepared("lfm2", "rtx3050").config
+    config = _prepared("lfm2", "rtx3050").run_config()
     rows, runs = [], {}
     for enabled in (False, True):
         model_config = config.model_config_object().model_copy(update={"gradient_checkpointing": enabled})

@@ -115,7 +115,7 @@ def test_independent_mode_runs_end_to_end() -> None:
     (("clip@continual@fast", "fusion"), "expected MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET"),
     (("clip@no-such-preset", "fusion", "--epochs", "0"), "no-such-preset"),
     (("multichannel", "separate", "--set", "model.hidden=[8]"), "compare --set takes training settings only"),
-    (("multichannel", "separate", "--batch-size", "8", "--set", "batch_size=16"), "'batch_size' given both"),
+    (("multichannel", "separate", "--batch-size", "8", "--set", "batch_size=16"), "batch_size is given twice, as --batch-size and as --set"),
 ])
 def test_bad_specs_and_settings_are_one_line(args: tuple[str, ...], message: str) -> None:
     result = runner.invoke(app, ["compare", *args])
@@ -130,8 +130,11 @@ def test_each_side_may_bring_its_own_recipe(tmp_path: Path) -> None:
     assert doc["settings"]["same_recipe"] is False
     assert (doc["a"]["recipe"]["precision"], doc["b"]["recipe"]["precision"]) == ("fp32", "bf16")  # fp16 → bf16 on a CPU
     assert doc["settings"]["precision"] is None  # the sides differ: see each side's recipe
+    # half-data's auto size and batch are resolved as `mmkit train` resolves them, and said
+    batch, size = doc["b"]["recipe"]["batch_size"], doc["b"]["static"]["size"]
+    assert f"separate@half-data: auto: size {size}, batch {batch}, fitted to rtx3050 (bf16)" in " ".join(doc["notes"])
     text = markdown.read_text()
-    assert "| recipe (preset, batch, precision) | quick, batch 32, fp32 | half-data, batch 32, bf16 |  |" in text
+    assert f"| recipe (preset, batch, precision) | quick, batch 32, fp32 | half-data, batch {batch}, bf16 |  |" in text
     assert "memory (simulated, each side's batch and precision" in text
 
 

@@ -12,7 +12,7 @@ from runhelpers import assert_bitwise_equal, last_model
 import mmkit.train.compile as compile_module
 from mmkit.models.registry import create_model
 from mmkit.train.loop import SilentReporter, train_run
-from mmkit.train.prepare import prepare_run
+from mmkit.train.resolve import RunOptions, resolve_run
 
 TINY = {"epochs": 1, "train_fraction": 0.02}
 
@@ -26,25 +26,26 @@ class Recorder(SilentReporter):
 
 
 def test_the_compile_flag_is_saved_in_run_json_and_conflicts_with_set(tmp_path: Path) -> None:
-    prepared = prepare_run("multichannel", preset="quick", device="cpu", flags={**TINY, "compile": True})
-    assert prepared.config.training.compile is True
-    prepared.config.save(tmp_path)
+    config = resolve_run(RunOptions(model="multichannel", preset="quick", device="cpu", **TINY, compile=True)).run_config()
+    assert config.training.compile is True
+    config.save(tmp_path)
     assert json.loads((tmp_path / "run.json").read_text())["training"]["compile"] is True
     from mmkit.errors import MmkitError
 
     with pytest.raises(MmkitError, match="compile is given twice"):
-        prepare_run("multichannel", preset="quick", device="cpu", flags={"compile": True}, set_options={"compile": True})
+        resolve_run(RunOptions(model="multichannel", preset="quick", device="cpu", compile=True,
+                               set_items=(("compile", True),)))
 
 
 def test_without_a_compiler_the_run_warns_once_and_trains_eagerly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compile_module, "compile_unavailable_reason", lambda device_type="cpu": "no C++ compiler here")
-    prepared = prepare_run("multichannel", preset="quick", device="cpu", flags={**TINY, "compile": True})
+    prepared = resolve_run(RunOptions(model="multichannel", preset="quick", device="cpu", **TINY, compile=True))
     reporter = Recorder()
-    outcome = train_run(tmp_path / "run", prepared.config, reporter=reporter, dataset=prepared.dataset)
+    outcome = train_run(tmp_path / "run", prepared.run_config(), reporter=reporter, dataset=prepared.dataset)
     assert outcome.finished
     assert reporter.messages == ["warning: --compile: no C++ compiler here; training without it"]
-    eager = prepare_run("multichannel", preset="quick", device="cpu", flags=TINY)
-    train_run(tmp_path / "eager", eager.config, dataset=eager.dataset)
+    eager = resolve_run(RunOptions(model="multichannel", preset="quick", device="cpu", **TINY))
+    train_run(tmp_path / "eager", eager.run_config(), dataset=eager.dataset)
     assert_bitwise_equal(last_model(tmp_path / "run"), last_model(tmp_path / "eager"))
 
 
@@ -61,10 +62,10 @@ def test_compile_model_keeps_the_state_dict_keys() -> None:
 def test_a_compiled_run_checkpoints_plain_weights_and_resumes(tmp_path: Path) -> None:
     if compile_module.compile_unavailable_reason("cpu"):
         pytest.skip("torch.compile cannot run here")
-    prepared = prepare_run("multichannel", preset="quick", device="cpu",
-                           flags={"epochs": 2, "train_fraction": 0.02, "compile": True})
+    prepared = resolve_run(RunOptions(model="multichannel", preset="quick", device="cpu", epochs=2,
+                                      train_fraction=0.02, compile=True))
     run = tmp_path / "run"
-    outcome = train_run(run, prepared.config, stop_after_epochs=1, dataset=prepared.dataset)
+    outcome = train_run(run, prepared.run_config(), stop_after_epochs=1, dataset=prepared.dataset)
     assert not outcome.finished
     weights = last_model(run)
     assert set(weights) == set(create_model("multichannel").state_dict())

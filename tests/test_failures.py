@@ -22,7 +22,7 @@ import mmkit.train.step as step
 from mmkit.cli.app import app
 from mmkit.train.checkpoint import list_checkpoints, load_checkpoint
 from mmkit.train.config import RunConfig
-from mmkit.train.prepare import prepare_run
+from mmkit.train.resolve import RunOptions, resolve_run
 
 runner = CliRunner()
 TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2")  # 79 steps per epoch
@@ -65,8 +65,8 @@ def test_nan_loss_without_a_scaler_stops_and_keeps_the_last_good_checkpoint(
 def test_inf_loss_with_fp16_is_skipped_by_the_scaler_whose_state_survives_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prepared = prepare_run("multichannel", preset="quick", flags={"epochs": 2}, device="cpu")
-    config = prepared.config.model_copy(update={"precision": "fp16"})  # fp16 autocast + GradScaler
+    resolved = resolve_run(RunOptions(model="multichannel", preset="quick", epochs=2, device="cpu"))
+    config = resolved.run_config().model_copy(update={"precision": "fp16"})  # fp16 autocast + GradScaler
     real_step, scales = loop.training_step, []
 
     def training_step(*args, **kwargs):  # the loss scale after each step
@@ -76,15 +76,15 @@ def test_inf_loss_with_fp16_is_skipped_by_the_scaler_whose_state_survives_resume
 
     monkeypatch.setattr(loop, "training_step", training_step)
     poison_loss_at(monkeypatch, 5, float("inf"))  # one overflow in epoch 1 of each run below
-    loop.train_run(tmp_path / "straight", config, dataset=prepared.dataset)
+    loop.train_run(tmp_path / "straight", config, dataset=resolved.dataset)
     assert scales[4] == scales[3] / 2  # the scaler saw the overflow, skipped the step, backed off
 
     poison_loss_at(monkeypatch, 5, float("inf"))
     split = tmp_path / "split"
-    loop.train_run(split, config, stop_after_epochs=1, dataset=prepared.dataset)
+    loop.train_run(split, config, stop_after_epochs=1, dataset=resolved.dataset)
     _, _, trainer = load_checkpoint(last_checkpoint(split))
     assert trainer["scaler"]["scale"] == scales[78]  # the scaler's state is in the checkpoint
-    loop.train_run(split, config, resume=True, dataset=prepared.dataset)
+    loop.train_run(split, config, resume=True, dataset=resolved.dataset)
 
     # a resumed scaler that started again from 2**16 would skip other steps: the weights would differ
     assert_bitwise_equal(last_model(tmp_path / "straight"), last_model(split))

@@ -57,7 +57,7 @@ def independent_total(model: str, size: str, batch: int, gpu: GpuPreset, **step:
 
 
 def assert_maximal(model: str, gpu: GpuPreset, min_batch: int, cap: int, precision: str = "fp32"):
-    result = fit_to_budget(model, gpu, min_batch_size=min_batch, max_batch_size=cap, precision=precision)
+    result = fit_to_budget(get_model_entry(model), gpu, min_batch_size=min_batch, max_batch_size=cap, precision=precision)
     budget = gpu.budget_bytes()
     assert result.chosen.fits
     total = independent_total(model, result.size, result.batch_size, gpu, precision=precision)
@@ -83,25 +83,25 @@ def test_fit_is_maximal_on_two_gpus(model: str, small_gpus: list[GpuPreset]) -> 
 
 
 def test_batch_cap_is_respected(small_gpus: list[GpuPreset]) -> None:
-    result = fit_to_budget("multichannel", small_gpus[1], size="default", max_batch_size=64)
+    result = fit_to_budget(get_model_entry("multichannel"), small_gpus[1], size="default", max_batch_size=64)
     assert result.batch_size == 64 and result.batch_cap_reached and result.next_batch is None
 
 
 def test_fixed_batch_chooses_the_largest_width_that_fits(small_gpus: list[GpuPreset]) -> None:
-    result = fit_to_budget("clip", small_gpus[0], batch_size=4)
+    result = fit_to_budget(get_model_entry("clip"), small_gpus[0], batch_size=4)
     assert result.batch_size == 4 and not result.auto_batch
     assert result.next_width is not None and not result.next_width.fits
 
 
 def test_prefer_batch_trades_width_for_batch(small_gpus: list[GpuPreset]) -> None:
-    by_width = fit_to_budget("clip", small_gpus[0], max_batch_size=4096)
-    by_batch = fit_to_budget("clip", small_gpus[0], max_batch_size=64, prefer="batch")
+    by_width = fit_to_budget(get_model_entry("clip"), small_gpus[0], max_batch_size=4096)
+    by_batch = fit_to_budget(get_model_entry("clip"), small_gpus[0], max_batch_size=64, prefer="batch")
     assert by_batch.batch_size >= by_width.batch_size
     assert by_batch.config.width <= by_width.config.width
 
 
 def test_nothing_fits_is_reported(small_gpus: list[GpuPreset]) -> None:
-    result = fit_to_budget("lfm2", small_gpus[0], size="original", batch_size=2)
+    result = fit_to_budget(get_model_entry("lfm2"), small_gpus[0], size="original", batch_size=2)
     assert not result.chosen.fits
     assert not result.chosen.simulated  # 152M parameters: ruled out by the model states alone
     assert result.chosen.total > small_gpus[0].budget_bytes()

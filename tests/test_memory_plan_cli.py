@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
@@ -127,12 +129,25 @@ def test_unknown_gpu_lists_the_presets() -> None:
     assert "rtx3050" in result.stderr and "h100-80gb" in result.stderr and "cpu" in result.stderr
 
 
-def test_data_gives_the_input_shapes_train_uses() -> None:
+def test_without_data_the_plan_uses_the_models_default_data_as_train_does() -> None:
     default = plan("lfm2", "--gpu", "rtx3050", "--size", "rtx3050", "--batch-size", "4")
     with_data = plan("lfm2", "--gpu", "rtx3050", "--size", "rtx3050", "--batch-size", "4", "--data", "synthetic-av")
-    # synthetic-av clips are shorter and smaller than lfm2's default inputs: fewer activations
-    assert with_data["train"]["activations"] < default["train"]["activations"]
+    assert default["train"] == with_data["train"]  # lfm2 trains on synthetic-av unless told otherwise
     assert with_data["time"]["train_samples"] == 960  # half-data's 50 % of 1920
+
+
+def test_data_gives_the_input_shapes_train_uses(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    n = 12  # shorter clips than synthetic-av's 64 frames: fewer activations
+    tensors = {"audio": torch.randn(n, 16, 40), "video": torch.randn(n, 8, 3, 24, 24),
+               "label": torch.arange(n) % 8, "split": torch.tensor([0] * 8 + [1] * 2 + [2] * 2, dtype=torch.uint8)}
+    save_file(tensors, tmp_path / "short.safetensors")
+    default = plan("lfm2", "--gpu", "rtx3050", "--size", "rtx3050", "--batch-size", "4")
+    short = plan("lfm2", "--gpu", "rtx3050", "--size", "rtx3050", "--batch-size", "4",
+                 "--data", str(tmp_path / "short.safetensors"))
+    assert short["train"]["peak_tensors"] < default["train"]["peak_tensors"]
+    assert short["time"]["train_samples"] == 4  # half-data's 50 % of 8
 
 
 def test_data_that_does_not_fit_the_model_is_one_line() -> None:

@@ -13,7 +13,7 @@ from mmkit.models.registry import get_model_entry, size_config
 from mmkit.plan import probe as probe_module
 from mmkit.plan.precision import run_precision
 from mmkit.plan.probe import LayerShape, dominant, layer_shapes, probe_cpu
-from mmkit.train.prepare import prepare_run
+from mmkit.train.resolve import RunOptions, resolve_run
 
 
 class FakeProbe:
@@ -88,8 +88,8 @@ def test_train_chooses_what_the_probe_measures_on_this_cpu(
     monkeypatch.setattr(probe_module, "cpu_capability", lambda: capability)
     calls: list[str] = []
     monkeypatch.setattr(probe_module, "time_layer", scripted_timer(bf16_ratio, calls))
-    prepared = prepare_run("multichannel", preset="half-data", device="cpu", flags={"size": "default", "batch_size": 8})
-    config = prepared.config
+    config = resolve_run(RunOptions(model="multichannel", preset="half-data", device="cpu", size="default",
+                                    batch_size=8)).run_config()
     assert config.precision == expected
     assert config.precision_probe["bf16_speedup"] == pytest.approx(1 / bf16_ratio)
     assert any(f"×{1 / bf16_ratio:.2f}" in note for note in config.notes)

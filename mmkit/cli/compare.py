@@ -34,7 +34,10 @@ def compare_cli(
     epochs: Annotated[int | None, typer.Option("--epochs", min=0, help="Epochs per run; 0 = static block only.")] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds per model.")] = 3,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or bf16 (default: the preset's).")] = None,
-    gpu: Annotated[str, typer.Option("--gpu", help="GPU preset for the simulated memory (default: the local device).")] = "auto",
+    gpu: Annotated[
+        str | None, typer.Option("--gpu", help="GPU preset for the simulated memory (default: the local device); an "
+                                 "'auto' size or batch is fitted to it (default: as `mmkit train` fits).")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (speed and learning).")] = "auto",
     separate_mode: Annotated[str, typer.Option("--separate-mode", help="How `separate` trains: joint or independent.")] = "joint",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
@@ -47,20 +50,20 @@ def compare_cli(
 
     Static and learning numbers repeat exactly on the same machine and torch build; only timings vary.
     """
-    from mmkit.plan.hardware import resolve_gpu
     from mmkit.train.compare import compare, load_warning
 
     if separate_mode not in ("joint", "independent"):
         raise MmkitError(f"--separate-mode must be 'joint' or 'independent', got {separate_mode!r}")
     if precision is not None and precision not in ("fp32", "fp16", "bf16"):
         raise MmkitError(f"unknown precision {precision!r}; valid: bf16, fp16, fp32")
-    gpu_preset, _ = resolve_gpu(gpu)
     with err_console.status("comparing") as status:
         result = compare(
             a, b, data=data, size=size, preset=preset, batch_size=batch_size, epochs=epochs, seeds=seeds,
-            precision=precision, gpu=gpu_preset, device=device, separate_mode=separate_mode,
+            precision=precision, gpu=gpu, device=device, separate_mode=separate_mode,
             set_options=parse_set_options(set_), progress=lambda text: status.update(text),
         )
+    for note in result.get("notes", []):  # what `auto` and the precision choice decided, on stderr
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     rows = table_rows(result)
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def eval_cli(
     from mmkit.train.checkpoint import load_checkpoint, load_model_state, resolve_checkpoint
     from mmkit.train.config import RunConfig
     from mmkit.train.loop import check_data_fits_model, evaluate
-    from mmkit.train.prepare import resolve_device
+    from mmkit.train.resolve import resolve_device
 
     if split not in ("test", "val"):
         raise MmkitError(f"unknown split {split!r}; valid: test, val")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -21,10 +21,9 @@ from mmkit.errors import MmkitError
 from mmkit.models.catalog import check_model_name
 
 if TYPE_CHECKING:
-    from mmkit.models.registry import ModelEntry
     from mmkit.plan.fit import Candidate
     from mmkit.plan.planner import MemoryPlan
-    from mmkit.settings import GpuPreset, TrainingSettings
+    from mmkit.train.resolve import RunOptions
 
 BAR_WIDTH = 30
 
@@ -32,7 +31,10 @@ BAR_WIDTH = 30
 @one_line_errors
 def memory_plan_cli(
     model: Annotated[str | None, typer.Argument(help="Registered model (default: $MMKIT_MODEL or lfm2).")] = None,
-    gpu: Annotated[str, typer.Option("--gpu", "-g", help="GPU preset, 'auto' (detect CUDA) or 'cpu'.")] = "auto",
+    gpu: Annotated[
+        str | None, typer.Option("--gpu", "-g", help="GPU preset, 'auto' (detect CUDA) or 'cpu' (default: as `mmkit "
+                                 "train` fits: the preset's target GPU, else the local device).")
+    ] = None,
     preset: Annotated[str, typer.Option("--preset", "-p", help="Training preset the defaults come from.")] = "half-data",
     size: Annotated[str | None, typer.Option("--size", "-s", help="Named size, wN, or 'auto'.")] = None,
     batch_size: Annotated[str | None, typer.Option("--batch-size", "-b", help="Batch size or 'auto'.")] = None,
@@ -43,8 +45,10 @@ def memory_plan_cli(
     ] = None,
     margin: Annotated[float | None, typer.Option("--margin", min=0.0, max=0.99, help="Fraction of VRAM kept free (default: the GPU preset's).")] = None,
     prefer: Annotated[str | None, typer.Option("--prefer", help="When both are auto: 'width' (default) or 'batch'.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a model setting: key=value (repeatable).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Take input shapes and classes from this data (as `train` does).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting as `mmkit train` does: model.KEY=V or a training key (repeatable).")
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Take input shapes and classes from this data (default: the model's, as `train`).")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on the local device and compare.")] = False,
     nproc: Annotated[
         int, typer.Option("--nproc", min=1, help="Data-parallel processes (one GPU each): --batch-size is global, each "
@@ -56,8 +60,9 @@ def memory_plan_cli(
     ] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Simulate training memory by category on fake tensors and fit size and batch to a GPU."""
-    from mmkit.settings import MmkitSettings, resolve_training
+    """Simulate training memory by category on fake tensors and fit size and batch to a GPU:
+    the run `mmkit train` would start with the same options, planned without training."""
+    from mmkit.settings import MmkitSettings
 
     if prefer not in (None, "width", "batch"):
         raise MmkitError(f"--prefer must be 'width' or 'batch', got {prefer!r}")
@@ -65,58 +70,26 @@ def memory_plan_cli(
         raise MmkitError(f"unknown precision {precision!r}; valid: bf16, fp16, fp32")
     if optimizer is not None and optimizer not in ("adamw", "sgd"):
         raise MmkitError(f"unknown optimizer {optimizer!r}; valid: adamw, sgd")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise MmkitError(f"unknown device {device!r}; valid: auto, cpu, cuda")
     model = model or MmkitSettings().model
-    recipe = resolve_training(
-        preset,
-        {
-            "size": size,
-            "batch_size": parse_auto_int(batch_size, "--batch-size"),
-            "precision": precision,
-            "optimizer": optimizer,
-            "gradient_checkpointing": grad_checkpointing,
-        },
+    check_model_name(model)  # a mistyped name is reported before torch loads, and before any note
+    from mmkit.train.resolve import RunOptions, check_request
+
+    options = RunOptions(
+        model=model, preset=preset, size=size, batch_size=parse_auto_int(batch_size, "--batch-size"),  # type: ignore[arg-type]
+        precision=precision, optimizer=optimizer, gradient_checkpointing=grad_checkpointing,  # type: ignore[arg-type]
+        data=data, gpu=gpu, device=device, set_items=tuple(parse_set_options(set_).items()), nproc=nproc,
+        margin=margin, prefer=prefer,  # type: ignore[arg-type]
     )
+    recipe = check_request(options)
     if prefer is not None and not (recipe.size == "auto" and recipe.batch_size == "auto"):
         raise MmkitError(
             f"--prefer {prefer} only applies when size and batch are both auto "
             f"(here size {recipe.size}, batch {recipe.batch_size})"
         )
-    check_model_name(model)  # a mistyped name is reported before torch loads, and before any note
-    from mmkit.models.registry import data_overrides, get_model_entry
-    from mmkit.plan.hardware import resolve_gpu
-    from mmkit.plan.planner import plan_memory
-
-    gpu_preset, gpu_note = resolve_gpu(gpu)
-    notes = [gpu_note] if gpu_note else []
-    overrides = parse_set_options(set_, strip_prefix="model.")
-    entry = get_model_entry(model)
-    if data is not None:
-        from mmkit.data.datasets import load_dataset
-
-        dataset = load_dataset(data, seed=0)
-        overrides = {**data_overrides(entry, dataset.input_shapes(), dataset.num_classes), **overrides}
-    chosen_precision = _run_precision(entry, recipe, overrides, precision is not None, device, gpu_preset, notes)
-    plan = plan_memory(
-        model,
-        gpu_preset,
-        data=data,
-        size=recipe.size,
-        batch_size=recipe.batch_size,
-        overrides=overrides,
-        precision=chosen_precision,
-        optimizer=recipe.optimizer,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        margin=margin,
-        min_batch_size=recipe.min_batch_size,
-        max_batch_size=recipe.max_batch_size,
-        prefer=prefer or "width",  # type: ignore[arg-type]
-        epochs=recipe.epochs,
-        train_fraction=recipe.train_fraction,
-        measure=measure,
-        notes=notes,
-        nproc=nproc,
-    )
-    for note in notes:  # after every input check: an error stays the only line
+    plan = plan_request(options, measure=measure)
+    for note in plan.notes:  # after every input check: an error stays the only line
         err_console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     if json_output:
         doc = plan.as_dict()
@@ -126,27 +99,30 @@ def memory_plan_cli(
         render_plan(plan, preset)
 
 
-def _run_precision(entry: ModelEntry, recipe: TrainingSettings, overrides: dict[str, Any], given: bool, device: str,
-                   gpu: GpuPreset, notes: list[str]) -> str:
-    """The precision `mmkit train` would run with on `device` (the same function decides), with a
-    note when that is the CPU's and the plan is for a CUDA GPU."""
-    from mmkit.train.prepare import choose_precision, resolve_device
+def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
+    """Resolve `options` exactly as `mmkit train` does (mmkit.train.resolve), then simulate."""
+    from mmkit.data.catalog import BUILTIN_DATASETS
+    from mmkit.plan.planner import plan_memory
+    from mmkit.train.resolve import resolve_run
 
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise MmkitError(f"unknown device {device!r}; valid: auto, cpu, cuda")
-    run_device = "cuda" if device.startswith("cuda") else resolve_device(device)
-    supported = gpu.precisions if run_device == "cuda" and gpu.device_type == "cuda" else None
-    try:
-        choice = choose_precision(entry, str(recipe.size), overrides, recipe.precision, given=given,
-                                  device=run_device, supported=supported)
-    except MmkitError as exc:
-        raise MmkitError(f"GPU preset {gpu.name!r}: {exc}") from None
-    if choice.note:
-        notes.append(choice.note)
-    if run_device == "cpu" and gpu.device_type == "cuda":
-        notes.append(f"planned as `mmkit train` runs on this machine's CPU ({choice.precision}); "
-                     f"--device cuda plans the run on the {gpu.name} itself")
-    return choice.precision
+    resolved = resolve_run(options, load_data=False, simulate=True)
+    assert resolved.fit is not None and resolved.gpu is not None  # simulate=True always fits
+    notes = list(resolved.notes)
+    if resolved.device == "cpu" and resolved.gpu.device_type == "cuda":
+        notes.append(f"planned as `mmkit train` runs on this machine's CPU ({resolved.precision.precision}); "
+                     f"--device cuda plans the run on the {resolved.gpu.name} itself")
+    if resolved.dataset is not None:
+        splits = [len(resolved.dataset.indices(split)) for split in ("train", "val")]
+    else:
+        info = BUILTIN_DATASETS[resolved.data]
+        splits = [info.train, info.val]
+    recipe = resolved.recipe
+    return plan_memory(
+        resolved.fit, resolved.gpu, precision=resolved.precision.precision, optimizer=recipe.optimizer,
+        gradient_checkpointing=recipe.gradient_checkpointing, margin=options.margin,
+        train_samples=round(splits[0] * recipe.train_fraction), val_samples=splits[1], epochs=recipe.epochs,
+        measure=measure, notes=notes, nproc=options.nproc, grad_accum=recipe.grad_accum,
+    )
 
 
 def _bar(value: int, budget: int) -> str:

@@ -8,6 +8,7 @@ joins the process group here and trains its rank's share. Rank 0 alone prints an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,18 +34,6 @@ if TYPE_CHECKING:
 
 def _default_run_dir(model: str, preset: str, started: float | None = None) -> Path:
     return Path("runs") / f"{model}-{preset}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
-
-
-def _check_before_launch(model: str, preset: str, flags: dict[str, Any], set_options: dict[str, Any],
-                         world_size: int) -> None:
-    """What can be checked without data or simulation, once, before any worker starts."""
-    from mmkit.models.registry import get_model_entry
-    from mmkit.train.prepare import resolve_recipe, split_set_options
-
-    get_model_entry(model)
-    _, training_sets = split_set_options(set_options)
-    if resolve_recipe(preset, flags, training_sets, world_size).tasks:
-        raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
 
 
 @one_line_errors
@@ -79,17 +68,21 @@ def train_cli(
 ) -> None:
     """Train a model: AMP, clipping, schedules, progress, safe checkpoints, a final test evaluation.
     --batch-size is the global batch: with N processes each trains on batch / N samples per step."""
-    flags = {"epochs": epochs, "batch_size": parse_auto_int(batch_size, "--batch-size"), "size": size, "seed": seed,
-             "train_fraction": train_fraction, "compile": compile_}
-    set_options = parse_set_options(set_)
+    batch = parse_auto_int(batch_size, "--batch-size")
+    set_items = tuple(parse_set_options(set_).items())
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     check_model_name(model)  # a mistyped name is reported before torch loads
     from mmkit.train.distributed import process_group
     from mmkit.train.loop import train_run
-    from mmkit.train.prepare import prepare_run, resolve_device
+    from mmkit.train.resolve import RunOptions, check_request, resolve_device, resolve_run
 
+    options = RunOptions(
+        model=model, preset=preset, size=size, batch_size=batch, epochs=epochs, seed=seed,  # type: ignore[arg-type]
+        train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
+        nproc=launch.world_size if launch is not None else 1,
+    )
     if launch is not None:
-        _check_before_launch(model, preset, flags, set_options, launch.world_size)
+        check_request(options)  # once, before any worker starts
         run_dir = out or _default_run_dir(model, preset)  # fixed here: every worker gets the same --out
         _refuse_existing(run_dir)
         run_launch(launch, "train", run_dir, {"--out": str(run_dir)})
@@ -98,12 +91,11 @@ def train_cli(
         run_dir = out or _default_run_dir(model, preset, world.broadcast(int(time.time())))
         _refuse_existing(run_dir)
         world.barrier()  # every rank has looked before rank 0 writes run.json
-        prepared = prepare_run(model, preset=preset, data=data, gpu=gpu, device=device, flags=flags,
-                               set_options=set_options, world_size=world.size)
+        resolved = resolve_run(dataclasses.replace(options, nproc=world.size))
         reporter = _reporter(world)
         with _interruptions(run_dir, reporter, world):
-            outcome = train_run(run_dir, prepared.config, stop_after_epochs=stop_after_epochs,
-                                reporter=reporter, dataset=prepared.dataset, world=world, forecast=True)
+            outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
+                                reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
         if world.is_main:
             _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 
@@ -133,7 +125,7 @@ def resume_cli(
     with the same or another number of processes."""
     from mmkit.train.checkpoint import resolve_checkpoint
     from mmkit.train.config import RunConfig
-    from mmkit.train.distributed import check_batch_split, process_group
+    from mmkit.train.distributed import process_group
     from mmkit.train.loop import train_run
 
     config = RunConfig.load(run)
@@ -146,7 +138,7 @@ def resume_cli(
     if launch is not None:
         if config.training.tasks:
             raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
-        check_batch_split(launch.world_size, int(config.training.batch_size))
+        _check_resume_split(launch.world_size, int(config.training.batch_size))
         run_launch(launch, "resume", run, {})
 
     with process_group(config.device) as world:
@@ -156,6 +148,14 @@ def resume_cli(
                                 world=world, forecast=True)
         if world.is_main:
             _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
+
+
+def _check_resume_split(world_size: int, batch_size: int) -> None:
+    """A resumed run keeps its global batch: the number of processes must divide it."""
+    if batch_size % world_size:
+        divisors = ", ".join(str(n) for n in range(1, min(batch_size, 64) + 1) if batch_size % n == 0)
+        raise MmkitError(f"the run's batch size {batch_size} does not split evenly across {world_size} processes; "
+                         f"resume it with a number of processes that divides {batch_size} ({divisors})")
 
 
 @contextlib.contextmanager

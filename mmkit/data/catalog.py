@@ -1,7 +1,8 @@
 """The built-in datasets by name: split sizes and classes, known without generating any data.
 
-The planner needs the number of training samples to turn a step time into an epoch time; the
-generators themselves live beside this file.
+The planner needs the number of training samples to turn a step time into an epoch time, and the
+input shapes to size the model as `train` will; the generators themselves live beside this file
+(a test checks that what they generate matches these entries).
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ class DatasetInfo:
     val: int
     test: int
     classes: tuple[str, ...]
+    inputs: tuple[tuple[str, tuple[int, ...]], ...]  # (tensor name, per-sample shape), as generated
 
 
 BUILTIN_DATASETS = {
-    "synthetic-cifar": DatasetInfo("synthetic-cifar", 5000, 1000, 1000, CIFAR_CLASSES),
-    "synthetic-av": DatasetInfo("synthetic-av", 1920, 480, 480, RAVDESS_EMOTIONS),  # RAVDESS's split sizes
-    "synthetic-fashion": DatasetInfo("synthetic-fashion", 6000, 1000, 1000, FASHION_CLASSES),
+    "synthetic-cifar": DatasetInfo("synthetic-cifar", 5000, 1000, 1000, CIFAR_CLASSES,
+                                   (("color", (3072,)), ("brightness", (1024,)))),
+    "synthetic-av": DatasetInfo("synthetic-av", 1920, 480, 480, RAVDESS_EMOTIONS,  # RAVDESS's split sizes
+                                (("audio", (64, 40)), ("video", (8, 3, 24, 24)))),
+    "synthetic-fashion": DatasetInfo("synthetic-fashion", 6000, 1000, 1000, FASHION_CLASSES,
+                                     (("image", (1, 28, 28)), ("text", (32,)))),
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmkit.models.registry import MultimodalModel, build_model, resolve_config
+from mmkit.models.registry import ModelConfig, ModelEntry, MultimodalModel, build_model, resolve_config
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -144,9 +144,15 @@ def count_model(
     depth: int = 1,
 ) -> CountReport:
     """Exact parameter, MAC and FLOP counts of a registered model; no weight is allocated."""
+    entry, size_name, config = resolve_config(name, size, overrides)
+    return count_config(entry, size_name, config, batch_size, depth)
+
+
+def count_config(entry: ModelEntry, size_name: str, config: ModelConfig, batch_size: int = 1,
+                 depth: int = 1) -> CountReport:
+    """`count_model` of a config already resolved (size, data widths and settings applied)."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    entry, size_name, config = resolve_config(name, size, overrides)
     with torch.device("meta"):
         model = build_model(entry, config)
     model.train()

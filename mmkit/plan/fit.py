@@ -7,7 +7,8 @@ model (memory is close to affine in the batch size) through two simulated points
 the predicted maximum b by simulating b and b + 1, falling back to bisection when the prediction
 is off. Every reported number is a simulation, never the affine guess.
 
-`train` calls `fit_to_budget` when its batch size or size is `auto`.
+The run's resolution (mmkit.train.resolve) calls `fit_to_budget` when size or batch is `auto`,
+and always for `memory-plan`, so both answer from the same fit.
 
 Data parallel (`data_parallel=N` processes, one GPU each): every number is per GPU — the batch is
 the per-rank share of the global batch — and each candidate carries one more overhead line,
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mmkit.errors import MmkitError
-from mmkit.models.registry import ModelConfig, ModelEntry, apply_overrides, get_model_entry, size_config
+from mmkit.models.registry import ModelConfig, ModelEntry, apply_overrides, size_config
 from mmkit.plan.memory import (
     FakeTrainingRig,
     StepMemory,
@@ -185,7 +186,7 @@ def ladder_sizes(entry: ModelEntry, base: ModelConfig, overrides: Mapping[str, A
 
 
 def fit_to_budget(
-    model: str,
+    entry: ModelEntry,
     gpu: GpuPreset,
     *,
     size: str = "auto",
@@ -203,9 +204,9 @@ def fit_to_budget(
     """Choose size and batch (where `auto`) so that the simulated total fits `gpu`'s budget.
 
     With `data_parallel` > 1 the batch is per GPU (the per-rank share) and the DDP gradient
-    buckets are added to every candidate.
+    buckets are added to every candidate. `size` is a named size or wN of `entry`, or `auto` (the
+    ladder); `overrides` (data widths, model settings) are applied to every width.
     """
-    entry = get_model_entry(model)
     overrides = dict(overrides or {})
     if min_batch_size > max_batch_size:
         raise MmkitError(f"min_batch_size ({min_batch_size}) is above max_batch_size ({max_batch_size})")

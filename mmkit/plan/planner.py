@@ -1,4 +1,5 @@
-"""`memory-plan` as a plain function: fit, simulate inference, estimate time, optionally measure."""
+"""`memory-plan` as a plain function over a resolved run's fit: simulate inference, estimate time,
+optionally measure real steps."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from typing import Any
 
 import torch
 
-from mmkit.data.catalog import BUILTIN_DATASETS, DatasetInfo, dataset_info
 from mmkit.errors import MmkitError
 from mmkit.plan.count import count_flops
-from mmkit.plan.fit import Candidate, FitResult, fit_to_budget
+from mmkit.plan.fit import Candidate, FitResult
 from mmkit.plan.memory import (
     FakeTrainingRig,
     Measurement,
@@ -48,6 +48,7 @@ class MemoryPlan:
     measure: MeasureReport | None
     notes: list[str]
     nproc: int = 1  # data-parallel processes (one GPU each); the fit is per process
+    grad_accum: int = 1  # micro-batches per optimizer step (the recipe's)
 
     @property
     def batch_size(self) -> int:
@@ -72,6 +73,7 @@ class MemoryPlan:
             "nproc": self.nproc,
             "per_rank_batch_size": fit.batch_size,
             "precision": self.precision,
+            "grad_accum": self.grad_accum,
             "optimizer": self.optimizer,
             "gradient_checkpointing": self.gradient_checkpointing,
             "train": {
@@ -136,35 +138,29 @@ def _candidate_dict(candidate: Candidate | None) -> dict[str, Any] | None:
 
 
 def plan_memory(
-    model: str,
+    fit: FitResult,
     gpu: GpuPreset,
     *,
+    precision: str,
+    optimizer: str,
+    gradient_checkpointing: bool,
+    margin: float | None,
+    train_samples: int,
+    val_samples: int,
     epochs: int = 1,
-    train_fraction: float = 1.0,
-    data: str | None = None,
     measure: bool = False,
     measure_device: str | None = None,
     notes: list[str] | None = None,
     nproc: int = 1,
-    **fit_options: Any,
+    grad_accum: int = 1,
 ) -> MemoryPlan:
-    """Fit (`fit_options` are `fit_to_budget`'s: size, batch_size, precision, optimizer, ...),
-    simulate inference at the choice, estimate the time, and optionally measure real steps.
+    """The plan of a resolved run (mmkit.train.resolve): its fit, inference simulated at the
+    choice, the time estimated, and optionally real steps measured.
 
-    `nproc` > 1 plans one of that many data-parallel processes: a given `batch_size` is global
-    and must split evenly; the simulation runs at the per-process share; the time is per epoch
-    with every process taking its share of the samples (gradient all-reduce not included).
+    `fit` is per process when `nproc` > 1 (each of that many data-parallel processes holds batch /
+    nproc); the time is per epoch with every process taking its share of the `train_samples`
+    (the training split after `train_fraction`), gradient all-reduce not included.
     """
-    from mmkit.train.distributed import check_batch_split
-
-    batch_size = fit_options.pop("batch_size", "auto")
-    if batch_size != "auto":
-        check_batch_split(nproc, int(batch_size))
-        batch_size = int(batch_size) // nproc
-    fit = fit_to_budget(model, gpu, batch_size=batch_size, data_parallel=nproc, **fit_options)
-    precision = fit_options.get("precision", "fp32")
-    optimizer = fit_options.get("optimizer", "adamw")
-    margin = fit_options.get("margin")
     step = StepSettings(
         batch_size=fit.batch_size, precision=precision, optimizer=optimizer,
         gpu_target=gpu.device_type == "cuda",
@@ -177,17 +173,8 @@ def plan_memory(
     with torch.device("meta"):
         meta_model = fit.entry.build(fit.config)
     flops = count_flops(meta_model.train(), 1)
-    spec = data or fit.entry.default_data
-    if spec in BUILTIN_DATASETS:
-        info = dataset_info(spec)
-    else:  # a tensor file: count its splits
-        from mmkit.data.datasets import load_dataset
-
-        loaded = load_dataset(spec)
-        info = DatasetInfo(spec, len(loaded.indices("train")), len(loaded.indices("val")),
-                           len(loaded.indices("test")), loaded.classes)
-    train_samples = max(1, -(-round(info.train * train_fraction) // nproc))  # this process's share
-    val_samples = -(-info.val // nproc)
+    train_samples = max(1, -(-train_samples // nproc))  # this process's share
+    val_samples = -(-val_samples // nproc)
     memory = fit.chosen.train
     if memory is not None:
         moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
@@ -221,8 +208,8 @@ def plan_memory(
 
     return MemoryPlan(
         fit=fit, gpu=gpu, precision=precision, optimizer=optimizer,
-        gradient_checkpointing=fit_options.get("gradient_checkpointing", False),
+        gradient_checkpointing=gradient_checkpointing,
         margin=gpu.margin if margin is None else margin,
         inference_peak=inference_peak, inference_overhead=inference_overhead,
-        time=time_estimate, measure=measured, notes=list(notes or []), nproc=nproc,
+        time=time_estimate, measure=measured, notes=list(notes or []), nproc=nproc, grad_accum=grad_accum,
     )

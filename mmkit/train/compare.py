@@ -36,26 +36,14 @@ import torch
 
 from mmkit.data.datasets import Dataset, iterate_batches, load_dataset
 from mmkit.errors import MmkitError
-from mmkit.models.registry import (
-    apply_overrides,
-    build_model,
-    data_overrides,
-    get_model_entry,
-    logits_of,
-    size_config,
-)
-from mmkit.plan.count import count_model
+from mmkit.models.registry import build_model, get_model_entry, logits_of
+from mmkit.plan.count import count_config
+from mmkit.plan.hardware import resolve_gpu
 from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_steps
-from mmkit.settings import GpuPreset, resolve_training
+from mmkit.settings import GpuPreset
 from mmkit.train.continual import read_continual_metrics
 from mmkit.train.loop import train_run
-from mmkit.train.prepare import (
-    check_continual_length,
-    choose_precision,
-    prepare_run,
-    resolve_device,
-    split_set_options,
-)
+from mmkit.train.resolve import ResolvedRun, RunOptions, check_request, resolve_run, split_set_options
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
@@ -100,13 +88,12 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     }
 
 
-def static_block(spec: ModelSpec, overrides: dict[str, Any], config: Any, batch_size: int, precision: str,
-                 gpu: GpuPreset) -> dict[str, Any]:
-    """`config` is the model config with `overrides` applied (what `count_model` rebuilds on meta)."""
-    entry = get_model_entry(spec.name)
-    count = count_model(spec.name, spec.size, overrides)
+def static_block(side: ResolvedRun, gpu: GpuPreset) -> dict[str, Any]:
+    """Exact counts of the resolved model and its memory simulated at the side's batch and precision."""
+    batch_size, precision = side.batch_size, side.precision.precision
+    count = count_config(side.entry, side.size, side.config)
     step = StepSettings(batch_size=batch_size, precision=precision, gpu_target=gpu.device_type == "cuda")
-    rig = FakeTrainingRig(entry, config, step)
+    rig = FakeTrainingRig(side.entry, side.config, step)
     train = rig.training_step(batch_size)
     inference = rig.inference(batch_size)
     return {
@@ -249,30 +236,26 @@ def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, ba
 CONTINUAL_FIGURES = ("average_accuracy", "forgetting", "forgetting_max", "bwt")
 
 
-def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, data: str, data_seed: int,
-                   seeds: list[int], flags: dict[str, Any], training_sets: dict[str, Any], device: str,
-                   dataset: Dataset, progress: Callable[[str], None],
-                   load: LoadWatch | None = None) -> dict[str, Any]:
+def learning_block(spec: ModelSpec, resolved: ResolvedRun, *, seeds: list[int], dataset: Dataset,
+                   progress: Callable[[str], None], load: LoadWatch | None = None) -> dict[str, Any]:
+    """Train `resolved` once per seed (the same run with only the training seed changed)."""
     runs = []
+    device = resolved.device
     peak_cuda = torch.device(device).type == "cuda"
     for seed in seeds:
         progress(f"training {spec.label}, seed {seed}")
-        prepared = prepare_run(
-            spec.name, preset=preset, data=data, data_seed=data_seed, device=device,
-            flags={**flags, "size": spec.size, "seed": seed},
-            set_options={**{f"model.{k}": v for k, v in model_sets.items()}, **training_sets},
-        )
+        config = resolved.with_seed(seed).run_config()
         if peak_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         with tempfile.TemporaryDirectory(prefix="mmkit-compare-") as tmp:
             if load is not None:
                 load.sample()
             start = time.perf_counter()
-            outcome = train_run(Path(tmp) / "run", prepared.config, dataset=dataset)
+            outcome = train_run(Path(tmp) / "run", config, dataset=dataset)
             seconds = time.perf_counter() - start
             if load is not None:
                 load.sample()
-            figures = read_continual_metrics(outcome.run_dir) if prepared.config.training.tasks else None
+            figures = read_continual_metrics(outcome.run_dir) if config.training.tasks else None
         test = outcome.test
         run = {"seed": seed, "accuracy": test.accuracy, "uar": test.uar, "war": test.war,
                "macro_f1": test.macro_f1, "train_seconds": seconds}
@@ -284,9 +267,9 @@ def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, 
         runs.append(run)
     metrics = ["accuracy", "uar", "war", "train_seconds"]
     metrics += [m for m in ("peak_memory_allocated", *CONTINUAL_FIGURES) if m in runs[0]]
-    training = prepared.config.training
+    training = resolved.recipe
     return {
-        "preset": preset, "batch_size": training.batch_size, "precision": prepared.config.precision,
+        "preset": resolved.options.preset, "batch_size": training.batch_size, "precision": resolved.precision.precision,
         "epochs": training.epochs, "tasks": training.tasks, "epochs_per_task": training.epochs_per_task,
         "runs": runs, **{metric: _mean_std([r[metric] for r in runs]) for metric in metrics},
     }
@@ -312,12 +295,13 @@ def verdict(label_a: str, label_b: str, a: dict[str, Any], b: dict[str, Any], me
 def compare(
     a: str, b: str, *, data: str | None = None, size: str | None = None, preset: str = "quick",
     batch_size: int | None = None, epochs: int | None = None, seeds: int = 3, precision: str | None = None,
-    gpu: GpuPreset, device: str = "auto", separate_mode: str = "joint", data_seed: int = 0,
+    gpu: str | None = None, device: str = "auto", separate_mode: str = "joint", data_seed: int = 0,
     set_options: dict[str, Any] | None = None, progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
+    """Resolve both sides through the one resolution path (as `mmkit train` would run each), then
+    measure. `gpu`: the preset the static memory is simulated for (default: the local device) and,
+    when given, what an `auto` size or batch is fitted to (else the recipe's target, as in train)."""
     specs = [parse_spec(a, size), parse_spec(b, size)]
-    entries = [get_model_entry(s.name) for s in specs]
-    data_spec = data or entries[0].default_data
     model_set_options, training_sets = split_set_options(set_options or {})
     if model_set_options:
         raise MmkitError("compare --set takes training settings only; model.* settings would differ per model")
@@ -326,39 +310,36 @@ def compare(
     clash = sorted(owned.keys() & training_sets.keys())
     if clash:
         raise MmkitError(f"compare --set {clash[0]}: {owned[clash[0]]}")
-    flags = {"epochs": epochs or None, "batch_size": batch_size, "precision": precision}
-    twice = sorted(k for k, v in flags.items() if v is not None and k in training_sets)
-    if twice:
-        raise MmkitError(f"{twice[0]!r} given both as a flag and with --set; give it once")
+    data_spec = data or get_model_entry(specs[0].name).default_data
     presets = [spec.preset or preset for spec in specs]
-    recipes = [resolve_training(p, flags, training_sets) for p in presets]
-    for p, recipe in zip(presets, recipes, strict=True):
-        check_continual_length(p, recipe, {k: v for k, v in flags.items() if v is not None}, training_sets)
-    batches = [int(r.batch_size) if r.batch_size != "auto" else 32 for r in recipes]
-    device = resolve_device(device)
-
+    options = [
+        RunOptions(
+            model=spec.name, preset=p, size=spec.size, batch_size=batch_size, epochs=epochs or None,
+            precision=precision, data=data_spec, data_seed=data_seed, gpu=gpu, device=device,  # type: ignore[arg-type]
+            set_items=tuple(training_sets.items()) + ((("model.mode", separate_mode),) if spec.name == "separate" else ()),
+        )
+        for spec, p in zip(specs, presets, strict=True)
+    ]
+    for option in options:
+        check_request(option)
     progress(f"loading {data_spec}")
     dataset = load_dataset(data_spec, seed=data_seed)
-    model_sets, overrides, configs = [], [], []
-    for spec, entry in zip(specs, entries, strict=True):
+    sides = []
+    for option in options:
         try:
-            o = data_overrides(entry, dataset.input_shapes(), dataset.num_classes)
+            sides.append(resolve_run(option))
         except MmkitError as exc:
             raise MmkitError(f"cannot compare {specs[0].label} and {specs[1].label} on {data_spec}: {exc}") from None
-        sets = {"mode": separate_mode} if spec.name == "separate" else {}
-        model_sets.append(sets)
-        overrides.append({**o, **sets})
-        _, config = size_config(entry, spec.size)
-        configs.append(apply_overrides(config, {**o, **sets}))
-    precision_given = precision is not None or "precision" in training_sets
-    choices = [choose_precision(entry, spec.size or entry.default_size, o, r.precision, given=precision_given,
-                                device=device)
-               for spec, entry, o, r in zip(specs, entries, overrides, recipes, strict=True)]
-    precisions = [c.precision for c in choices]
+    configs = [side.config for side in sides]
+    batches = [side.batch_size for side in sides]
+    precisions = [side.precision.precision for side in sides]
+    recipes = [side.recipe for side in sides]
+    device = sides[0].device
+    static_gpu, _ = resolve_gpu(gpu or "auto")
+    notes = [f"{spec.label}: {note}" for spec, side in zip(specs, sides, strict=True) for note in side.notes]
 
     progress("static: counting and simulating")
-    static = [static_block(s, o, c, batch, prec, gpu)
-              for s, o, c, batch, prec in zip(specs, overrides, configs, batches, precisions, strict=True)]
+    static = [static_block(side, static_gpu) for side in sides]
     same_recipe = presets[0] == presets[1]
     result: dict[str, Any] = {
         "settings": {
@@ -367,13 +348,14 @@ def compare(
             "batch_size": batches[0] if batches[0] == batches[1] else None,  # None: see each side's recipe
             "epochs": recipes[0].epochs if recipes[0].epochs else 0,
             "seeds": seeds, "precision": precisions[0] if precisions[0] == precisions[1] else None,
-            "device": device, "gpu": gpu.name, "set": training_sets,
+            "device": device, "gpu": static_gpu.name, "set": training_sets,
             "separate_mode": separate_mode if "separate" in (specs[0].name, specs[1].name) else None,
             "torch": torch.__version__,
         },
         **{key: {"model": spec.name, "static": block,
                  "recipe": {"preset": p, "batch_size": batch, "precision": prec}}
            for key, spec, block, p, batch, prec in zip("ab", specs, static, presets, batches, precisions, strict=True)},
+        "notes": notes,
         "ratios": {
             "params": static[0]["params"] / static[1]["params"],
             "macs_per_sample": static[0]["macs_per_sample"] / static[1]["macs_per_sample"],
@@ -399,12 +381,9 @@ def compare(
     )
 
     seed_list = list(range(seeds))
-    for key, spec, sets, spec_preset in zip(("a", "b"), specs, model_sets, presets, strict=True):
-        result[key]["learning"] = learning_block(
-            spec, sets, preset=spec_preset, data=data_spec, data_seed=data_seed, seeds=seed_list,
-            flags=flags, training_sets=training_sets, device=device, dataset=dataset, progress=progress,
-            load=load,
-        )
+    for key, spec, side in zip(("a", "b"), specs, sides, strict=True):
+        result[key]["learning"] = learning_block(spec, side, seeds=seed_list, dataset=dataset, progress=progress,
+                                                 load=load)
     result["machine"] = load.machine()
     la, lb = result["a"]["learning"], result["b"]["learning"]
     result["settings"]["epochs"] = la["epochs"] if la["epochs"] == lb["epochs"] else None

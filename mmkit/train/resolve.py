@@ -1,0 +1,367 @@
+"""The one resolution path: what the user asked (`RunOptions`) → what will run (`ResolvedRun`).
+
+`mmkit train`, `mmkit memory-plan`, `mmkit compare` and the torchrun launcher all resolve a request
+here, so the planner and the trainer never disagree about what it means:
+
+    memory-plan = resolve, then simulate   train = resolve, then run   compare = resolve × 2
+
+Resolution, in order:
+1. the recipe: preset < `MMKIT_*` environment < `--set` < flags (a key given both as a flag and
+   with `--set` is refused here, once); a given batch must split over the processes;
+2. the model: its registry entry, the size, and the input widths and classes of the data (for
+   a built-in dataset from its catalog entry, without generating it);
+3. the precision as it will run on the device (mmkit.plan.precision): a preset's fp16 is fp16 +
+   GradScaler on CUDA; on a CPU bf16 autocast where a probe of the model's own layers measures it
+   faster, else fp32;
+4. `auto` size and batch, fitted to the target GPU (`--gpu`, else the preset's `gpu`, else the
+   local device) at that precision, with `nproc` processes each holding batch / nproc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from mmkit.errors import MmkitError
+from mmkit.models.registry import (
+    ModelConfig,
+    ModelEntry,
+    apply_overrides,
+    build_model,
+    data_overrides,
+    get_model_entry,
+    size_config,
+)
+from mmkit.plan.memory import with_gradient_checkpointing
+from mmkit.plan.precision import PrecisionChoice, run_precision
+from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training, setting_source
+from mmkit.train.config import RunConfig
+from mmkit.train.distributed import check_batch_split
+
+if TYPE_CHECKING:
+    from mmkit.data.datasets import Dataset
+    from mmkit.plan.fit import FitResult
+    from mmkit.settings import GpuPreset
+
+TRAINING_KEYS = tuple(TrainingRecipe.model_fields)
+FLAG_NAMES = {  # training keys that have a flag of their own, as the user types it
+    "batch_size": "--batch-size", "size": "--size", "epochs": "--epochs", "seed": "--seed",
+    "train_fraction": "--train-fraction", "compile": "--compile", "precision": "--precision",
+    "optimizer": "--optimizer", "gradient_checkpointing": "--grad-checkpointing",
+}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the user asked for; `None` everywhere means "not given" (the preset decides)."""
+
+    model: str
+    preset: str = "quick"
+    size: str | None = None
+    batch_size: int | Literal["auto"] | None = None
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    optimizer: Literal["adamw", "sgd"] | None = None
+    gradient_checkpointing: bool | None = None
+    epochs: int | None = None
+    seed: int | None = None
+    train_fraction: float | None = None
+    compile: bool | None = None
+    data: str | None = None
+    data_seed: int | None = None  # built-in data's generator seed (default: the training seed)
+    gpu: str | None = None  # the GPU preset `auto` is fitted to (default: the preset's, else local)
+    device: str = "auto"  # where the run trains: auto, cpu, cuda, cuda:N
+    set_items: tuple[tuple[str, Any], ...] = ()  # `--set KEY=VALUE`, parsed, in the order given
+    nproc: int = 1  # data-parallel processes; a batch is global
+    margin: float | None = None  # fraction of VRAM kept free (default: the GPU preset's)
+    prefer: Literal["width", "batch"] | None = None  # when size and batch are both auto
+
+    def flags(self) -> dict[str, Any]:
+        """The training settings given as flags (the ones not given are left out)."""
+        values = {key: getattr(self, key) for key in FLAG_NAMES}
+        return {key: value for key, value in values.items() if value is not None}
+
+    def set_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`--set` split into model settings (`model.KEY`) and training settings."""
+        return split_set_options(dict(self.set_items))
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """Everything a request resolves to: what `train` runs and `memory-plan` simulates."""
+
+    options: RunOptions
+    entry: ModelEntry
+    size: str  # a named size or wN, never "auto"
+    config: ModelConfig  # data-derived widths, --set model.* and checkpointing applied
+    recipe: TrainingSettings  # batch_size is the global int, size the resolved name
+    data: str
+    data_seed: int
+    input_shapes: dict[str, tuple[int, ...]]
+    num_classes: int
+    device: str  # the resolved device: cpu, cuda, cuda:N
+    precision: PrecisionChoice  # as it runs on `device`
+    gpu: GpuPreset | None  # the target `auto` was fitted to (memory-plan: always set)
+    fit: FitResult | None  # the fit when size or batch was auto (memory-plan: always)
+    auto_size: bool = False  # what the user left to the fit
+    auto_batch: bool = False
+    notes: tuple[str, ...] = ()
+    dataset: Dataset | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.recipe.batch_size)
+
+    @property
+    def per_process_batch_size(self) -> int:
+        return self.batch_size // self.options.nproc
+
+    def fit_record(self) -> dict[str, Any] | None:
+        """What `auto` chose and for which GPU (run.json's `fit`)."""
+        if self.fit is None or self.gpu is None or not (self.auto_size or self.auto_batch):
+            return None
+        return {"gpu": self.gpu.name, "precision": self.precision.precision, "size": self.size,
+                "batch_size": self.batch_size, "total_bytes": self.fit.chosen.total,
+                "budget_bytes": self.fit.budget_bytes}
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(
+            model=self.entry.name, size=self.size, model_settings=self.config.model_dump(mode="json"),
+            preset=self.options.preset, training=TrainingRecipe.model_validate(self.recipe.model_dump()),
+            data=self.data, data_seed=self.data_seed, device=self.device, precision=self.precision.precision,
+            fit=self.fit_record(), notes=list(self.notes), precision_probe=self.precision.probe,
+        )
+
+    def with_seed(self, seed: int) -> ResolvedRun:
+        """The same run with another training seed (compare's seeds: the fit does not depend on it)."""
+        return replace(self, recipe=self.recipe.model_copy(update={"seed": seed}),
+                       options=replace(self.options, seed=seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def split_set_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--set` keys: `model.*` go to the model, the rest are training settings."""
+    model, training = {}, {}
+    for key, value in options.items():
+        if key.startswith("model."):
+            model[key.removeprefix("model.")] = value
+        elif key in TRAINING_KEYS:
+            training[key] = value
+        else:
+            raise MmkitError(
+                f"unknown setting {key!r}; valid: model.<model setting> (e.g. --set model.{key}=...), "
+                f"{', '.join(TRAINING_KEYS)}"
+            )
+    return model, training
+
+
+def _recipe(options: RunOptions) -> TrainingSettings:
+    _, training_sets = options.set_options()
+    return resolve_recipe(options.preset, options.flags(), training_sets, options.nproc)
+
+
+def resolve_recipe(
+    preset: str, flags: Mapping[str, Any] | None, training_sets: Mapping[str, Any], world_size: int = 1
+) -> TrainingSettings:
+    """The training recipe: preset < `--set` settings < the flags the user gave (None: not given).
+    Refuses a setting given both ways, and a batch that does not split evenly over the processes."""
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    twice = sorted(key for key in given if key in training_sets)
+    if twice:
+        key = twice[0]
+        flag = FLAG_NAMES.get(key, f"--{key.replace('_', '-')}")
+        raise MmkitError(f"{key} is given twice, as {flag} and as --set {key}=...; keep one")
+    recipe = resolve_training(preset, given, training_sets)
+    check_continual_length(preset, recipe, given, training_sets)
+    if recipe.batch_size != "auto":
+        check_batch_split(world_size, int(recipe.batch_size),
+                          given_as=setting_source(preset, "batch_size", recipe.batch_size, given, training_sets))
+    return recipe
+
+
+def check_continual_length(preset: str, recipe: TrainingSettings, given: Mapping[str, Any],
+                           training_sets: Mapping[str, Any]) -> None:
+    """A continual recipe runs tasks × epochs_per_task epochs: refuse an `epochs` it would ignore."""
+    if recipe.tasks and ("epochs" in given or "epochs" in training_sets):
+        raise MmkitError(
+            f"{setting_source(preset, 'epochs', recipe.epochs, given, training_sets)}: a continual recipe trains "
+            f"tasks × epochs_per_task epochs ({recipe.tasks} × {recipe.epochs_per_task}; "
+            f"{setting_source(preset, 'tasks', recipe.tasks, given, training_sets)}); "
+            "set its length with --set epochs_per_task=N"
+        )
+
+
+def check_request(options: RunOptions) -> TrainingSettings:
+    """What can be checked without data or simulation (before torchrun starts workers)."""
+    get_model_entry(options.model)
+    recipe = _recipe(options)
+    if recipe.tasks and options.nproc > 1:
+        raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(device: str, *, present: bool = True) -> str:
+    """`auto` → cuda when a GPU is here, else cpu. `present=False` (planning) accepts `cuda`
+    without a GPU on this machine: the plan is for the GPU preset's device."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MmkitError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if present and device.startswith("cuda") and not torch.cuda.is_available():
+        raise MmkitError(f"--device {device}: no CUDA device is available here")
+    return device
+
+
+def local_precisions(device: str) -> tuple[str, ...]:
+    """What the run's own device offers: a CUDA GPU has bf16 from compute capability 8 on."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return ("fp32", "fp16", "bf16") if torch.cuda.is_bf16_supported() else ("fp32", "fp16")
+    return ("fp32", "fp16", "bf16")
+
+
+def choose_precision(
+    entry: ModelEntry, size: str, overrides: Mapping[str, Any], requested: str, *, given: bool, device: str,
+    supported: tuple[str, ...] | None = None,
+) -> PrecisionChoice:
+    """The precision the run uses on `device` (see mmkit.plan.precision). On a CPU, mixed precision
+    is probed on the model at `size` with `overrides` applied; for `auto`, at the widest size of the
+    ladder, where fitting starts (the layer kinds are the same at every width)."""
+    from mmkit.plan.probe import probe_cpu
+
+    def probe() -> object:
+        probed = size if size != "auto" else (f"w{max(entry.ladder)}" if entry.ladder else entry.default_size)
+        _, config = size_config(entry, probed)
+        return probe_cpu(entry, apply_overrides(config, overrides))
+
+    device_type = "cpu" if device == "cpu" else "cuda"
+    return run_precision(requested, given=given, device_type=device_type,
+                         supported=supported or local_precisions(device), cpu_probe=probe)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution
+
+
+def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool = False) -> ResolvedRun:
+    """Resolve `options` as `mmkit train` runs it.
+
+    `load_data=False` (planning) takes a built-in dataset's shapes from its catalog entry instead of
+    generating it; `simulate=True` (memory-plan) fits and simulates even when size and batch are
+    given, and plans for a `--device cuda` this machine does not have.
+    """
+    entry = get_model_entry(options.model)
+    model_sets, training_sets = options.set_options()
+    recipe = _recipe(options)
+    given = options.flags()
+    if recipe.size != "auto":  # an unknown size names the flag, --set or preset it came from
+        try:
+            size_config(entry, recipe.size)
+        except MmkitError as exc:
+            raise MmkitError(f"{setting_source(options.preset, 'size', recipe.size, given, training_sets)}: {exc}") from None
+    data_spec = options.data or entry.default_data
+    data_seed = recipe.seed if options.data_seed is None else options.data_seed
+    dataset, shapes, num_classes = _data(data_spec, data_seed, load_data)
+    overrides = {**data_overrides(entry, shapes, num_classes), **model_sets}
+
+    device = resolve_device(options.device, present=not simulate)
+    notes: list[str] = []
+    gpu, gpu_note = _target_gpu(options, recipe, needed=simulate or "auto" in (recipe.size, recipe.batch_size))
+    if gpu_note:
+        notes.append(gpu_note)
+    supported = gpu.precisions if simulate and device.startswith("cuda") and gpu is not None else None
+    try:
+        choice = choose_precision(entry, str(recipe.size), overrides, recipe.precision,
+                                  given="precision" in given or "precision" in training_sets,
+                                  device=device, supported=supported)
+    except MmkitError as exc:
+        raise MmkitError(f"GPU preset {gpu.name!r}: {exc}" if supported else str(exc)) from None
+    if choice.note:
+        notes.append(choice.note)
+
+    fit = None
+    if gpu is not None:
+        fit = _fit(entry, gpu, recipe, overrides, choice.precision, options)
+        size_name, config, batch_size = fit.size, fit.config, fit.batch_size * options.nproc
+        if any(v == "auto" for v in (recipe.size, recipe.batch_size)):
+            if not fit.chosen.fits and not simulate:
+                raise MmkitError(
+                    f"nothing fits {gpu.name!r}: {fit.size} at batch {fit.batch_size} needs "
+                    f"{fit.chosen.total / 2**30:.2f} GiB, the budget is {fit.budget_bytes / 2**30:.2f} GiB"
+                )
+            notes.append(_auto_note(fit, gpu, choice.precision, options.nproc))
+    else:
+        size_name, config = size_config(entry, str(recipe.size))
+        config = with_gradient_checkpointing(entry, apply_overrides(config, overrides), recipe.gradient_checkpointing)
+        batch_size = int(recipe.batch_size)
+
+    resolved_recipe = recipe.model_copy(update={"batch_size": batch_size, "size": size_name})
+    if recipe.tasks:  # continual: the run's epochs are the whole stream's
+        _check_continual_model(entry, config, options, recipe, given, training_sets)
+        resolved_recipe = resolved_recipe.model_copy(update={"epochs": recipe.tasks * recipe.epochs_per_task})
+    return ResolvedRun(
+        options=options, entry=entry, size=size_name, config=config, recipe=resolved_recipe, data=data_spec,
+        data_seed=data_seed, input_shapes=shapes, num_classes=num_classes, device=device, precision=choice,
+        gpu=gpu, fit=fit, auto_size=recipe.size == "auto", auto_batch=recipe.batch_size == "auto",
+        notes=tuple(notes), dataset=dataset,
+    )
+
+
+def _data(spec: str, seed: int, load: bool) -> tuple[Dataset | None, dict[str, tuple[int, ...]], int]:
+    """The dataset (when `load`), its input shapes and number of classes."""
+    from mmkit.data.catalog import BUILTIN_DATASETS
+
+    if not load and spec in BUILTIN_DATASETS:
+        info = BUILTIN_DATASETS[spec]
+        return None, dict(info.inputs), len(info.classes)
+    from mmkit.data.datasets import load_dataset
+
+    dataset = load_dataset(spec, seed=seed)
+    return dataset, dataset.input_shapes(), dataset.num_classes
+
+
+def _target_gpu(options: RunOptions, recipe: TrainingSettings, *, needed: bool) -> tuple[GpuPreset | None, str | None]:
+    """The GPU preset fitting and planning use: `--gpu`, else the preset's `gpu`, else the local device."""
+    if not needed:
+        return None, None
+    from mmkit.plan.hardware import resolve_gpu
+
+    return resolve_gpu(options.gpu or recipe.gpu or "auto")
+
+
+def _fit(entry: ModelEntry, gpu: GpuPreset, recipe: TrainingSettings, overrides: Mapping[str, Any],
+         precision: str, options: RunOptions) -> FitResult:
+    from mmkit.plan.fit import fit_to_budget
+
+    batch = recipe.batch_size if recipe.batch_size == "auto" else int(recipe.batch_size) // options.nproc
+    return fit_to_budget(
+        entry, gpu, size=str(recipe.size), batch_size=batch, overrides=overrides, data_parallel=options.nproc,
+        precision=precision, optimizer=recipe.optimizer, gradient_checkpointing=recipe.gradient_checkpointing,
+        margin=options.margin, min_batch_size=recipe.min_batch_size, max_batch_size=recipe.max_batch_size,
+        prefer=options.prefer or "width",
+    )
+
+
+def _auto_note(fit: FitResult, gpu: GpuPreset, precision: str, nproc: int) -> str:
+    batch = fit.batch_size * nproc
+    per_process = f" ({fit.batch_size} per process × {nproc})" if nproc > 1 else ""
+    return (f"auto: size {fit.size}, batch {batch}{per_process}, fitted to {gpu.name} ({precision}): "
+            f"{fit.chosen.total / 2**30:.2f} of {fit.budget_bytes / 2**30:.2f} GiB")
+
+
+def _check_continual_model(entry: ModelEntry, config: ModelConfig, options: RunOptions, recipe: TrainingSettings,
+                           given: Mapping[str, Any], training_sets: Mapping[str, Any]) -> None:
+    with torch.device("meta"):
+        if not hasattr(build_model(entry, config), "encode_text"):
+            tasks = setting_source(options.preset, "tasks", recipe.tasks, given, training_sets)
+            raise MmkitError(
+                f"continual training ({tasks}) needs an image-text model (clip, fusion); {options.model!r} is not one"
+            )
