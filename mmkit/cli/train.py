@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mmkit.cli.common import console, one_line_errors, parse_auto_int, parse_set_options
+from mmkit.cli.common import check_out_dir, console, one_line_errors, parse_auto_int, parse_set_options
 from mmkit.cli.launch import (
     NnodesOption,
     NodeRankOption,
@@ -72,6 +72,7 @@ def train_cli(
         bool | None,
         typer.Option("--compile", help="torch.compile the model (falls back to eager with a warning where it cannot run).", show_default=False),
     ] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Train on data holding NaN or Inf (refused otherwise).")] = False,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -99,7 +100,7 @@ def train_cli(
         _refuse_existing(run_dir)
         world.barrier()  # every rank has looked before rank 0 writes run.json
         prepared = prepare_run(model, preset=preset, data=data, gpu=gpu, device=device, flags=flags,
-                               set_options=set_options, world_size=world.size)
+                               set_options=set_options, world_size=world.size, allow_nonfinite=allow_nonfinite)
         reporter = _reporter(world)
         with _interruptions(run_dir, reporter, world):
             outcome = train_run(run_dir, prepared.config, stop_after_epochs=stop_after_epochs,
@@ -109,6 +110,7 @@ def train_cli(
 
 
 def _refuse_existing(run_dir: Path) -> None:
+    check_out_dir(run_dir)
     if (run_dir / "run.json").exists():
         raise MmkitError(f"{run_dir} already holds a run; continue it with `mmkit resume {run_dir}` or pick another --out")
 

@@ -40,6 +40,7 @@ from mmkit.models.registry import (
     apply_overrides,
     build_model,
     data_overrides,
+    family_input_specs,
     get_model_entry,
     logits_of,
     size_config,
@@ -56,6 +57,7 @@ from mmkit.train.prepare import (
     resolve_device,
     split_set_options,
 )
+from mmkit.train.rundata import check_data_for_model
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
@@ -252,7 +254,7 @@ CONTINUAL_FIGURES = ("average_accuracy", "forgetting", "forgetting_max", "bwt")
 def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, data: str, data_seed: int,
                    seeds: list[int], flags: dict[str, Any], training_sets: dict[str, Any], device: str,
                    dataset: Dataset, progress: Callable[[str], None],
-                   load: LoadWatch | None = None) -> dict[str, Any]:
+                   load: LoadWatch | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     runs = []
     peak_cuda = torch.device(device).type == "cuda"
     for seed in seeds:
@@ -261,6 +263,7 @@ def learning_block(spec: ModelSpec, model_sets: dict[str, Any], *, preset: str, 
             spec.name, preset=preset, data=data, data_seed=data_seed, device=device,
             flags={**flags, "size": spec.size, "seed": seed},
             set_options={**{f"model.{k}": v for k, v in model_sets.items()}, **training_sets},
+            allow_nonfinite=allow_nonfinite,
         )
         if peak_cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -314,6 +317,7 @@ def compare(
     batch_size: int | None = None, epochs: int | None = None, seeds: int = 3, precision: str | None = None,
     gpu: GpuPreset, device: str = "auto", separate_mode: str = "joint", data_seed: int = 0,
     set_options: dict[str, Any] | None = None, progress: Callable[[str], None] = lambda _: None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     specs = [parse_spec(a, size), parse_spec(b, size)]
     entries = [get_model_entry(s.name) for s in specs]
@@ -350,6 +354,12 @@ def compare(
         overrides.append({**o, **sets})
         _, config = size_config(entry, spec.size)
         configs.append(apply_overrides(config, {**o, **sets}))
+    # the data checks of a run, for the inputs either model takes
+    dataset, data_notes = check_data_for_model(
+        dataset, {name: spec for entry in reversed(entries) for name, spec in family_input_specs(entry).items()},
+        training=True, allow_nonfinite=allow_nonfinite)
+    for note in data_notes:
+        progress(note)
     precision_given = precision is not None or "precision" in training_sets
     choices = [choose_precision(entry, spec.size or entry.default_size, o, r.precision, given=precision_given,
                                 device=device)
@@ -403,6 +413,7 @@ def compare(
         result[key]["learning"] = learning_block(
             spec, sets, preset=spec_preset, data=data_spec, data_seed=data_seed, seeds=seed_list,
             flags=flags, training_sets=training_sets, device=device, dataset=dataset, progress=progress,
+            allow_nonfinite=allow_nonfinite,
             load=load,
         )
     result["machine"] = load.machine()

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from mmkit.data.datasets import Dataset, load_dataset
+from mmkit.data.checks import check_set_matches_data
+from mmkit.data.datasets import Dataset, absolute_data_spec, load_dataset
 from mmkit.errors import MmkitError
 from mmkit.models.registry import (
     ModelEntry,
@@ -29,11 +30,12 @@ from mmkit.models.registry import (
     get_model_entry,
     size_config,
 )
-from mmkit.plan.memory import with_gradient_checkpointing
+from mmkit.plan.memory import check_states_fit, with_gradient_checkpointing
 from mmkit.plan.precision import PrecisionChoice, run_precision
 from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training, setting_source
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import check_batch_split
+from mmkit.train.rundata import data_for_family
 
 TRAINING_KEYS = tuple(TrainingRecipe.model_fields)
 
@@ -136,6 +138,7 @@ def prepare_run(
     device: str = "auto",
     data_seed: int | None = None,
     world_size: int = 1,
+    allow_nonfinite: bool = False,
 ) -> PreparedRun:
     """Resolve everything a run needs; `flags` are the training options the user gave."""
     entry = get_model_entry(model)
@@ -150,14 +153,21 @@ def prepare_run(
     data_spec = data or entry.default_data
     data_seed = recipe.seed if data_seed is None else data_seed
     dataset = load_dataset(data_spec, seed=data_seed)
-    overrides = {**data_overrides(entry, dataset.input_shapes(), dataset.num_classes), **model_sets}
-
+    # ---- data and model checks (mmkit.data.checks, mmkit.train.rundata): before any allocation or file
+    from_data = data_overrides(entry, dataset.input_shapes(), dataset.num_classes)
+    check_set_matches_data(dataset.name, from_data, model_sets)
+    dataset, data_notes = data_for_family(entry, dataset, allow_nonfinite=allow_nonfinite)
+    overrides = {**from_data, **model_sets}
     device = resolve_device(device)
+    checked_size = recipe.size if recipe.size != "auto" else entry.default_size
+    check_states_fit(entry, apply_overrides(size_config(entry, checked_size)[1], overrides), recipe.optimizer, device)
+    # ---- end of checks
+
     choice = choose_precision(entry, str(recipe.size), overrides, recipe.precision,
                               given="precision" in given or "precision" in training_sets,
                               device=device)
     precision = choice.precision
-    notes = [choice.note] if choice.note else []
+    notes = [*data_notes, *([choice.note] if choice.note else [])]
 
     fit_info = None
     if recipe.size == "auto" or recipe.batch_size == "auto":
@@ -209,7 +219,8 @@ def prepare_run(
         resolved = resolved.model_copy(update={"epochs": recipe.tasks * recipe.epochs_per_task})
     run_config = RunConfig(
         model=model, size=size_name, model_settings=config.model_dump(mode="json"), preset=preset,
-        training=TrainingRecipe.model_validate(resolved.model_dump()), data=data_spec, data_seed=data_seed,
+        training=TrainingRecipe.model_validate(resolved.model_dump()), data=absolute_data_spec(data_spec),
+        data_seed=data_seed,
         device=device,
         precision=precision, fit=fit_info, notes=notes, precision_probe=choice.probe,
     )
