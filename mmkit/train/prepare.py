@@ -159,7 +159,8 @@ def prepare_run(
     dataset, data_notes = data_for_family(entry, dataset, allow_nonfinite=allow_nonfinite)
     overrides = {**from_data, **model_sets}
     device = resolve_device(device)
-    checked_size = recipe.size if recipe.size != "auto" else entry.default_size
+    # auto: even the smallest point of the ladder must fit (the fit chooses among them)
+    checked_size = str(recipe.size) if recipe.size != "auto" else (f"w{min(entry.ladder)}" if entry.ladder else None)
     check_states_fit(entry, apply_overrides(size_config(entry, checked_size)[1], overrides), recipe.optimizer, device)
     # ---- end of checks
 
