@@ -139,7 +139,7 @@ class TrainingRecipe(BaseModel):
     train_fraction: float = Field(default=1.0, gt=0, le=1)  # stratified subset of the train split
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (falls back to eager, with a warning, where it cannot)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)  # torch seeds a generator with a 64-bit integer
     gpu: str | None = None  # the GPU `auto` size/batch is fitted to (None: the local device)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     schedule: Literal["cosine", "cosine-restarts", "constant"] = "cosine"

@@ -1,11 +1,16 @@
-"""What every command shares: user-error handling, `--set` parsing, JSON and rich output."""
+"""What every command shares: user-error handling, `--set` parsing, the `--out` check, JSON and rich output."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import typer
@@ -134,3 +139,46 @@ def human_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, in one line and before anything is written, an --out that cannot become a run
+    directory: a file, a path under a file, a symlink loop, a directory that cannot be written."""
+    error = _stat_problem(out)
+    if error is not None:
+        raise MmkitError(f"--out {out}: {error}")
+    if not out.exists():  # the nearest existing directory above it is where the run is created
+        for parent in Path(os.path.abspath(out)).parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise MmkitError(f"--out {out}: {parent} is a file, not a directory")
+                break
+    else:
+        parent = out
+    _check_writable(out, parent)
+
+
+def _stat_problem(path: Path) -> str | None:
+    """What makes `path` (or a directory above it) unusable, or None when it is a directory or missing."""
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            return "is a file, not a directory"
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        above = next(p for p in Path(os.path.abspath(path)).parents if p.is_file())
+        return f"{above} is a file, not a directory"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        return exc.strerror or str(exc)
+    return None
+
+
+def _check_writable(out: Path, directory: Path) -> None:
+    """Create and remove one empty directory in `directory`: the only test that holds for every
+    user (root included) and every file system (read-only mounts included)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mmkit-write-check-", dir=directory))
+    except OSError as exc:
+        raise MmkitError(f"--out {out}: cannot write in {directory} ({exc.strerror or exc})") from None

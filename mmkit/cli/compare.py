@@ -43,6 +43,7 @@ def compare_cli(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the table as Markdown to FILE.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a training setting for both, KEY=V (repeatable).")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Compare on data holding NaN or Inf (refused otherwise).")] = False,
 ) -> None:
     """Compare two models on the same data: exact counts, simulated memory, measured speed and learning.
 
@@ -61,6 +62,7 @@ def compare_cli(
             a, b, data=data, size=size, preset=preset, batch_size=batch_size, epochs=epochs, seeds=seeds,
             precision=precision, gpu=gpu, device=device, separate_mode=separate_mode,
             set_options=parse_set_options(set_), progress=lambda text: status.update(text),
+            allow_nonfinite=allow_nonfinite,
         )
     for note in result.get("notes", []):  # what `auto` and the precision choice decided, on stderr
         err_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)

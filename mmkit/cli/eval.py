@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,16 +26,17 @@ def eval_cli(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write PNG plots (training curves, confusion matrix) here.")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Evaluate on data holding NaN or Inf (refused otherwise).")] = False,
 ) -> None:
     """Evaluate a run's checkpoint on its test (or validation) split."""
     import torch
 
-    from mmkit.data.datasets import load_dataset
     from mmkit.models.registry import build_model
     from mmkit.train.checkpoint import load_checkpoint, load_model_state, resolve_checkpoint
     from mmkit.train.config import RunConfig
-    from mmkit.train.loop import check_data_fits_model, evaluate
+    from mmkit.train.loop import evaluate
     from mmkit.train.resolve import resolve_device
+    from mmkit.train.rundata import load_run_data
 
     if split not in ("test", "val"):
         raise MmkitError(f"unknown split {split!r}; valid: test, val")
@@ -48,8 +50,9 @@ def eval_cli(
             f"checkpoint {path} belongs to model {trainer.get('model')!r}, but run {run} is {config.model!r}"
         )
     data_spec = data or config.data
-    dataset = load_dataset(data_spec, seed=config.data_seed)
-    check_data_fits_model(config, dataset.input_shapes(), dataset.num_classes, data_spec)
+    dataset, notes = load_run_data(config, data_spec, splits=(split,), check_nonfinite=not allow_nonfinite)
+    for note in notes:  # on stderr, so that --json stays one document
+        print(f"mmkit: note: {note}", file=sys.stderr)
 
     dev = torch.device(resolve_device(device))
     model = build_model(config.entry, config.model_config_object())

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mmkit.cli.common import console, one_line_errors, parse_auto_int, parse_set_options
+from mmkit.cli.common import check_out_dir, console, one_line_errors, parse_auto_int, parse_set_options
 from mmkit.cli.launch import (
     NnodesOption,
     NodeRankOption,
@@ -61,6 +61,7 @@ def train_cli(
         bool | None,
         typer.Option("--compile", help="torch.compile the model (falls back to eager with a warning where it cannot run).", show_default=False),
     ] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Train on data holding NaN or Inf (refused otherwise).")] = False,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -79,7 +80,7 @@ def train_cli(
     options = RunOptions(
         model=model, preset=preset, size=size, batch_size=batch, epochs=epochs, seed=seed,  # type: ignore[arg-type]
         train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
-        nproc=launch.world_size if launch is not None else 1,
+        nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite,
     )
     if launch is not None:
         check_request(options)  # once, before any worker starts
@@ -101,6 +102,7 @@ def train_cli(
 
 
 def _refuse_existing(run_dir: Path) -> None:
+    check_out_dir(run_dir)
     if (run_dir / "run.json").exists():
         raise MmkitError(f"{run_dir} already holds a run; continue it with `mmkit resume {run_dir}` or pick another --out")
 

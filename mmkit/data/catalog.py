@@ -19,6 +19,9 @@ FASHION_CLASSES = (
 CIFAR_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
+# the training captions of synthetic-fashion and of Fashion-MNIST read through mmkit.data.formats
+CLASS_PROMPTS: tuple[str, ...] = tuple(f"a photo of a {name}" for name in FASHION_CLASSES)
+CAPTION_CONTEXT_LENGTH = 32  # the clip/fusion models' default context_length
 
 
 @dataclass(frozen=True)

@@ -68,13 +68,19 @@ from contextlib import contextmanager
 
 import torch
 
-from mmkit.data.catalog import BUILTIN_DATASETS, CIFAR_CLASSES, FASHION_CLASSES, RAVDESS_EMOTIONS
-from mmkit.data.datasets import Dataset, standardize_
+from mmkit.data.catalog import (
+    BUILTIN_DATASETS,
+    CAPTION_CONTEXT_LENGTH,
+    CIFAR_CLASSES,
+    CLASS_PROMPTS,
+    FASHION_CLASSES,
+    RAVDESS_EMOTIONS,
+)
+from mmkit.data.core import Dataset, standardize_
 from mmkit.data.formats.cifar10 import luma
 from mmkit.data.tokenizer import encode_batch
 
-CLASS_PROMPTS: tuple[str, ...] = tuple(f"a photo of a {name}" for name in FASHION_CLASSES)
-CAPTION_CONTEXT_LENGTH = 32  # the clip/fusion models' default context_length
+__all__ = ["CAPTION_CONTEXT_LENGTH", "CLASS_PROMPTS", "GENERATORS"]  # the prompts live in mmkit.data.catalog
 
 
 # ---------------------------------------------------------------------------------------------

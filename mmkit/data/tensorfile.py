@@ -8,7 +8,7 @@ Tensors (all with the same first dimension N):
     group    optional int64 [N], e.g. the actor of each clip (for group-aware analyses)
 Metadata (safetensors' string → string header):
     classes  a JSON list of class names, indexed by label. Without it the classes are named
-             "0", "1", ... up to the largest label.
+             "0", "1", ... up to the largest label (at most `MAX_UNNAMED_CLASSES` of them).
     notes    optional JSON list of lines for people: where the data came from, how it was split
              and featurised (`mmkit data prepare` writes them, `mmkit data info` shows them)
 
@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from mmkit.data.datasets import Dataset
+from mmkit.data.core import Dataset
 from mmkit.errors import MmkitError
 
 LABEL_KEY = "label"
@@ -39,6 +39,7 @@ CLASSES_KEY = "classes"
 NOTES_KEY = "notes"
 RESERVED_KEYS = (LABEL_KEY, SPLIT_KEY, GROUP_KEY)
 INFERRED_SPLIT_SEED = 0
+MAX_UNNAMED_CLASSES = 100_000  # without metadata 'classes': a larger label is a mistake, not a class
 INFERRED_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test
 
 
@@ -121,7 +122,13 @@ def _read_classes(
         label = tensors.get(LABEL_KEY)
         if label is None or label.numel() == 0 or label.is_floating_point() or label.dtype == torch.bool:
             return ()  # _validate reports the real problem
-        return tuple(str(i) for i in range(int(label.max()) + 1))
+        low, high = int(label.min()), int(label.max())
+        if low >= 0 and high >= MAX_UNNAMED_CLASSES:
+            raise MmkitError(
+                f"data file {shown}: labels go up to {high} and there is no metadata 'classes': that would be "
+                f"{high + 1} classes (at most {MAX_UNNAMED_CLASSES} unnamed); labels must lie in [0, classes)"
+            )
+        return tuple(str(i) for i in range(max(high, 0) + 1))
     try:
         classes = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -255,10 +255,15 @@ def data_overrides(
     entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], num_classes: int
 ) -> dict[str, Any]:
     """Overrides that fit a model of `entry`'s family to a dataset: input widths and classes."""
-    with torch.device("meta"):
-        needed = tuple(build_model(entry, entry.sizes[entry.default_size]).input_specs())
+    needed = tuple(family_input_specs(entry))
     require_inputs(entry.name, needed, shapes)
     return {**entry.config_class.overrides_for_inputs(shapes), "num_classes": num_classes}
+
+
+def family_input_specs(entry: ModelEntry) -> dict[str, InputSpec]:
+    """The inputs every size of `entry` takes (names and dtypes; widths are the default size's)."""
+    with torch.device("meta"):
+        return build_model(entry, entry.sizes[entry.default_size]).input_specs()
 
 
 def build_model(entry: ModelEntry, config: ModelConfig) -> MultimodalModel:

@@ -322,6 +322,26 @@ def config_param_count(entry: ModelEntry, config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def device_memory_bytes(device: str) -> int:
+    """All the memory of `device`: a CUDA GPU's total, or the machine's RAM for the CPU."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_states_fit(entry: ModelEntry, config: ModelConfig, optimizer: str, device: str) -> None:
+    """Refuse, before anything is allocated, a model whose weights + gradients + optimizer state
+    alone (`states_lower_bound`, parameters counted on the meta device) exceed `device`'s memory."""
+    params = config_param_count(entry, config)
+    need, have = states_lower_bound(params, optimizer), device_memory_bytes(device)
+    if need > have:
+        where = "RAM" if device == "cpu" else f"{device} memory"
+        raise MmkitError(
+            f"model {entry.name!r} has {params:,} parameters: weights + gradients + {optimizer} state alone need "
+            f"{need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB of {where}"
+        )
+
+
 
 def memtracker_training_peak(entry: ModelEntry, config: ModelConfig, step: StepSettings) -> int:
     """The same steady-state step under torch's `MemTracker` (private API), on fake tensors.

@@ -36,7 +36,7 @@ import torch
 
 from mmkit.data.datasets import Dataset, iterate_batches, load_dataset
 from mmkit.errors import MmkitError
-from mmkit.models.registry import build_model, get_model_entry, logits_of
+from mmkit.models.registry import build_model, family_input_specs, get_model_entry, logits_of
 from mmkit.plan.count import count_config
 from mmkit.plan.hardware import resolve_gpu
 from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_steps
@@ -44,6 +44,7 @@ from mmkit.settings import GpuPreset
 from mmkit.train.continual import read_continual_metrics
 from mmkit.train.loop import train_run
 from mmkit.train.resolve import ResolvedRun, RunOptions, check_request, resolve_run, split_set_options
+from mmkit.train.rundata import check_data_for_model
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 WARMUP_STEPS = 3  # steps before timing: allocator, caches and lazy initialisation settle
@@ -297,6 +298,7 @@ def compare(
     batch_size: int | None = None, epochs: int | None = None, seeds: int = 3, precision: str | None = None,
     gpu: str | None = None, device: str = "auto", separate_mode: str = "joint", data_seed: int = 0,
     set_options: dict[str, Any] | None = None, progress: Callable[[str], None] = lambda _: None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Resolve both sides through the one resolution path (as `mmkit train` would run each), then
     measure. `gpu`: the preset the static memory is simulated for (default: the local device) and,
@@ -317,6 +319,7 @@ def compare(
             model=spec.name, preset=p, size=spec.size, batch_size=batch_size, epochs=epochs or None,
             precision=precision, data=data_spec, data_seed=data_seed, gpu=gpu, device=device,  # type: ignore[arg-type]
             set_items=tuple(training_sets.items()) + ((("model.mode", separate_mode),) if spec.name == "separate" else ()),
+            allow_nonfinite=allow_nonfinite,
         )
         for spec, p in zip(specs, presets, strict=True)
     ]
@@ -324,6 +327,13 @@ def compare(
         check_request(option)
     progress(f"loading {data_spec}")
     dataset = load_dataset(data_spec, seed=data_seed)
+    entries = [get_model_entry(spec.name) for spec in specs]
+    # the data checks of a run, for the inputs either model takes (both are timed and trained on it)
+    dataset, data_notes = check_data_for_model(
+        dataset, {name: spec for entry in reversed(entries) for name, spec in family_input_specs(entry).items()},
+        training=True, allow_nonfinite=allow_nonfinite)
+    for note in data_notes:
+        progress(note)
     sides = []
     for option in options:
         try:

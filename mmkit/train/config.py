@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mmkit import __version__
+from mmkit.data.datasets import relocated_data_spec
 from mmkit.errors import MmkitError
 from mmkit.models.registry import ModelConfig, ModelEntry, get_model_entry
 from mmkit.settings import TrainingRecipe
@@ -56,13 +58,24 @@ class RunConfig(BaseModel):
         if not path.is_file():
             raise MmkitError(f"{run_dir} is not an mmkit run: {RUN_FILE} is missing")
         try:
-            return cls.model_validate(json.loads(path.read_text()))
+            config = cls.model_validate(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
             raise MmkitError(f"{path}: invalid JSON: {exc}") from None
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise MmkitError(f"{path}: field {where!r}: {first['msg']}") from None
+        return config.with_data_found(run_dir)
+
+    def with_data_found(self, run_dir: Path) -> RunConfig:
+        """A relative data path (recorded by mmkit 0.1.0) that is not found from the working
+        directory is looked up above the run directory, with a warning."""
+        found = relocated_data_spec(self.data, run_dir)
+        if found is None:
+            return self
+        print(f"mmkit: warning: {run_dir}/{RUN_FILE} records the relative data path {self.data!r}, not found "
+              f"from here; using {found}", file=sys.stderr)
+        return self.model_copy(update={"data": found})
 
 
 def write_json_atomic(path: Path, document: Any) -> None:

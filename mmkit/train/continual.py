@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmkit.data.datasets import Dataset, iterate_batches, load_dataset, num_batches
+from mmkit.data.datasets import Dataset, iterate_batches, num_batches
 from mmkit.data.tokenizer import encode_batch
 from mmkit.errors import MmkitError
 from mmkit.models.registry import MultimodalModel
@@ -61,6 +61,7 @@ from mmkit.train.loop import (
     seed_everything,
     train_indices,
 )
+from mmkit.train.rundata import load_run_data
 from mmkit.train.schedule import learning_rate
 from mmkit.train.signals import StopRequest
 from mmkit.train.step import build_grad_scaler, build_optimizer
@@ -218,7 +219,7 @@ def train_continual(
     """Train `config`'s model through the task stream; `resume` continues from the last checkpoint."""
     recipe = config.training
     device = torch.device(config.device)
-    dataset = dataset or load_dataset(config.data, seed=config.data_seed)
+    dataset = dataset or load_run_data(config, check_nonfinite=False)[0]  # checked when the run was made
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir)
 

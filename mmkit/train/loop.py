@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
-from mmkit.data.datasets import Dataset, iterate_batches, load_dataset, num_batches, stratified_subset
+from mmkit.data.datasets import Dataset, iterate_batches, num_batches, stratified_subset
 from mmkit.errors import MmkitError, RunStopped
 from mmkit.models.registry import MultimodalModel, build_model, logits_of
 from mmkit.train.checkpoint import (
@@ -57,6 +57,7 @@ from mmkit.train.config import RunConfig, write_json_atomic
 from mmkit.train.forecast import MEASURED_STEPS, RunForecast, measured_forecast, predict_run
 from mmkit.train.distributed import SINGLE, World, check_batch_split, no_sync
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
+from mmkit.train.rundata import load_run_data
 from mmkit.train.schedule import learning_rate
 from mmkit.train.signals import StopRequest
 from mmkit.train.step import AMP_DTYPES, ForwardLoss, build_grad_scaler, build_optimizer, training_step
@@ -310,7 +311,7 @@ def _train(
     device = world.device(config.device)
 
     # ---- data: the full validation and test splits, a stratified fraction of train
-    dataset = dataset or load_dataset(config.data, seed=config.data_seed)
+    dataset = dataset or load_run_data(config, check_nonfinite=False)[0]  # checked when the run was made
     train_idx = train_indices(config, dataset)
     val_idx = dataset.indices("val")
     batch_size = int(recipe.batch_size)  # global: what one optimizer step sees, whatever the world size
@@ -673,23 +674,3 @@ def final_test(
         document = test.as_dict("test") | {"checkpoint": best.name, "epoch": trainer["epoch"]}
         write_json_atomic(run_dir / METRICS_FILE, document)
     return test
-
-
-def check_data_fits_model(config: RunConfig, shapes: Mapping[str, tuple[int, ...]], num_classes: int, data: str) -> None:
-    """One clear error when a dataset's inputs or classes do not match a trained model."""
-    with torch.device("meta"):
-        model = build_model(config.entry, config.model_config_object())
-    expected = {name: tuple(spec.shape) for name, spec in model.input_specs().items()}
-    given = {name: tuple(shapes[name]) for name in expected if name in shapes}
-    if given != expected:
-        fmt = lambda d: ", ".join(f"{k} {list(v)}" for k, v in d.items()) or "none"
-        have = {k: tuple(v) for k, v in shapes.items()}
-        raise MmkitError(
-            f"data {data!r} does not fit the run's model {config.model!r}: expected inputs {fmt(expected)}; "
-            f"the data has {fmt(have)}"
-        )
-    if num_classes != model.config.num_classes:
-        raise MmkitError(
-            f"data {data!r} has {num_classes} classes, the run's model {config.model!r} predicts "
-            f"{model.config.num_classes}"
-        )

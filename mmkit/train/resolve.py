@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from mmkit.data.checks import check_set_matches_data
+from mmkit.data.datasets import absolute_data_spec
 from mmkit.errors import MmkitError
 from mmkit.models.registry import (
     ModelConfig,
@@ -35,11 +37,12 @@ from mmkit.models.registry import (
     get_model_entry,
     size_config,
 )
-from mmkit.plan.memory import with_gradient_checkpointing
+from mmkit.plan.memory import check_states_fit, with_gradient_checkpointing
 from mmkit.plan.precision import PrecisionChoice, run_precision
 from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training, setting_source
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import check_batch_split
+from mmkit.train.rundata import data_for_family
 
 if TYPE_CHECKING:
     from mmkit.data.datasets import Dataset
@@ -77,6 +80,7 @@ class RunOptions:
     nproc: int = 1  # data-parallel processes; a batch is global
     margin: float | None = None  # fraction of VRAM kept free (default: the GPU preset's)
     prefer: Literal["width", "batch"] | None = None  # when size and batch are both auto
+    allow_nonfinite: bool = False  # train on data holding NaN or Inf (refused otherwise)
 
     def flags(self) -> dict[str, Any]:
         """The training settings given as flags (the ones not given are left out)."""
@@ -130,7 +134,7 @@ class ResolvedRun:
         return RunConfig(
             model=self.entry.name, size=self.size, model_settings=self.config.model_dump(mode="json"),
             preset=self.options.preset, training=TrainingRecipe.model_validate(self.recipe.model_dump()),
-            data=self.data, data_seed=self.data_seed, device=self.device, precision=self.precision.precision,
+            data=absolute_data_spec(self.data), data_seed=self.data_seed, device=self.device, precision=self.precision.precision,
             fit=self.fit_record(), notes=list(self.notes), precision_probe=self.precision.probe,
         )
 
@@ -270,10 +274,18 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
     data_spec = options.data or entry.default_data
     data_seed = recipe.seed if options.data_seed is None else options.data_seed
     dataset, shapes, num_classes = _data(data_spec, data_seed, load_data)
-    overrides = {**data_overrides(entry, shapes, num_classes), **model_sets}
+    from_data = data_overrides(entry, shapes, num_classes)
+    check_set_matches_data(data_spec, from_data, model_sets)
+    notes: list[str] = []
+    if dataset is not None:  # dtypes, unused tensors, NaN/Inf, labels (mmkit.data.checks)
+        dataset, data_notes = data_for_family(entry, dataset, allow_nonfinite=options.allow_nonfinite)
+        notes += data_notes
+    overrides = {**from_data, **model_sets}
 
     device = resolve_device(options.device, present=not simulate)
-    notes: list[str] = []
+    if not simulate:  # auto: even the smallest point of the ladder must fit (the fit chooses among them)
+        checked = str(recipe.size) if recipe.size != "auto" else (f"w{min(entry.ladder)}" if entry.ladder else None)
+        check_states_fit(entry, apply_overrides(size_config(entry, checked)[1], overrides), recipe.optimizer, device)
     gpu, gpu_note = _target_gpu(options, recipe, needed=simulate or "auto" in (recipe.size, recipe.batch_size))
     if gpu_note:
         notes.append(gpu_note)

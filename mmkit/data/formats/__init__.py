@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.datasets import Dataset
+from mmkit.data.core import Dataset
 from mmkit.data.formats.emotion import Announce, Track, no_announcement, no_progress
 from mmkit.errors import MmkitError, unknown_choice
 

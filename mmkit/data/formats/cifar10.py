@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from mmkit.data.catalog import CIFAR_CLASSES
-from mmkit.data.datasets import Dataset, standardize_
+from mmkit.data.core import Dataset, standardize_
 from mmkit.data.formats.holdout import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, split_with_validation
 from mmkit.errors import MmkitError
 

@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 
 from mmkit.data.audio import WAV_SUFFIXES, LogMelSettings, log_mel_features
-from mmkit.data.datasets import SPLIT_CODES, Dataset, standardize_
+from mmkit.data.core import SPLIT_CODES, Dataset, standardize_
 from mmkit.data.video import VIDEO_SUFFIXES, FrameSettings, read_video_frames
 from mmkit.errors import MmkitError
 

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from mmkit.data.catalog import FASHION_CLASSES
-from mmkit.data.datasets import Dataset, standardize_
+from mmkit.data.catalog import CAPTION_CONTEXT_LENGTH, CLASS_PROMPTS, FASHION_CLASSES
+from mmkit.data.core import Dataset, standardize_
 from mmkit.data.formats.holdout import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, split_with_validation
-from mmkit.data.synthetic import CAPTION_CONTEXT_LENGTH, CLASS_PROMPTS
 from mmkit.data.tokenizer import encode_batch
 from mmkit.errors import MmkitError
 

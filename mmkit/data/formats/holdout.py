@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkit.data.datasets import SPLIT_CODES, stratified_subset
+from mmkit.data.core import SPLIT_CODES, stratified_subset
 from mmkit.errors import MmkitError
 
 DEFAULT_VAL_FRACTION = 0.1
