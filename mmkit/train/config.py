@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ from mmkit import __version__
 from mmkit.errors import MmkitError
 from mmkit.models.registry import ModelConfig, ModelEntry, get_model_entry
 from mmkit.settings import TrainingRecipe
+from mmkit.train.rundir import RUN_FILE, write_json_atomic
 
-RUN_FILE = "run.json"
 
 
 class RunConfig(BaseModel):
@@ -63,14 +62,3 @@ class RunConfig(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise MmkitError(f"{path}: field {where!r}: {first['msg']}") from None
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(document, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
