@@ -3,7 +3,6 @@ what any dataset holds. Thin wrappers over `mmkit.data.formats` and `mmkit.data.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -65,6 +64,7 @@ def prepare_cli(
     from mmkit.data.formats import PrepareOptions, prepare_source
     from mmkit.data.formats.emotion import parse_actors
     from mmkit.data.tensorfile import save_tensor_file
+    from mmkit.train.rundir import atomic_path
 
     if out.exists() and not force:
         raise MmkitError(f"{out} exists; pass --force to overwrite it")
@@ -88,10 +88,9 @@ def prepare_cli(
         if note not in shown:
             announce(note)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")  # renamed into place only when complete
-    save_tensor_file(partial, dataset.inputs, dataset.labels, dataset.classes, dataset.split, dataset.groups,
-                     notes=dataset.notes)
-    os.replace(partial, out)
+    with atomic_path(out) as partial:  # renamed into place only when complete
+        save_tensor_file(partial, dataset.inputs, dataset.labels, dataset.classes, dataset.split, dataset.groups,
+                         notes=dataset.notes)
     counts = "/".join(str(len(dataset.indices(s))) for s in ("train", "val", "test"))
     shapes = ", ".join(f"{k} {list(v)}" for k, v in dataset.input_shapes().items())
     console.print(f"wrote {out} ({human_bytes(out.stat().st_size)}): {len(dataset)} samples, {counts} "

@@ -69,7 +69,7 @@ def eval_cli(
     if continual is not None:  # a continual run: the accuracy matrix and its figures, from history
         document["continual"] = continual.as_dict()
     if plot is not None:
-        from mmkit.train.loop import read_history
+        from mmkit.train.rundir import read_history
         from mmkit.train.plots import write_plots
 
         written = write_plots(plot, read_history(run), metrics, dataset.classes, model=config.model,

@@ -28,7 +28,8 @@ import random
 import re
 import secrets
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mmkit.errors import MmkitError
+from mmkit.errors import MmkitError, RunStopped
+from mmkit.train.rundir import CHECKPOINTS_DIR, fsync_dir, fsync_file, remove_stale_temp, write_json_atomic
 
 FORMAT = "mmkit-checkpoint/1"
-CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -49,8 +50,8 @@ CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, TRAINER_STATE_FILE)
 POINTER_NAMES = ("best", "last")
 
 _STEP_DIR = re.compile(r"step-(\d+)")
-_TEMP_PREFIXES = (".tmp-", ".old-")  # checkpoints being built / being deleted
 _HASH_CHUNK = 1 << 20  # read files 1 MiB at a time when hashing
+WRITE_ERRORS = (OSError, SafetensorError)  # what a write to a full or failing disk raises
 
 
 class CheckpointError(MmkitError):
@@ -132,11 +133,13 @@ def save_checkpoint(
         (temp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
         files = {}
         for file_name in CHECKPOINT_FILES:
-            digest, size = _fsync_and_hash(temp / file_name)
+            fsync_file(temp / file_name)
+            digest, size = _sha256(temp / file_name)
             files[file_name] = {"sha256": digest, "bytes": size}
         manifest = {"format": FORMAT, "step": step, "files": files}
-        _write_and_fsync(temp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-        _fsync_dir(temp)
+        (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        fsync_file(temp / MANIFEST_FILE)
+        fsync_dir(temp)
         if final.exists():
             # Move the old one out of the way first: at every instant there is at most one
             # `step-N`, and it is complete.
@@ -146,14 +149,14 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(temp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
 
     if keep_last is not None:
         _prune(run_dir, keep_last, keep={name, *(Path(p).name for p in protect)})
-    _remove_stale_temp_dirs(root)
+    remove_stale_temp(root)
     return final
 
 
@@ -197,57 +200,15 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _remove_stale_temp_dirs(root: Path) -> None:
-    """Delete `.tmp-*` / `.old-*` leftovers of processes that no longer run (crashed saves)."""
-    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX; elsewhere leave them alone
-        return
-    for entry in root.iterdir():
-        if not entry.name.startswith(_TEMP_PREFIXES) or not entry.is_dir():
-            continue
-        match = re.fullmatch(r"\.(?:tmp|old)-step-\d+-(\d+)-[0-9a-f]+", entry.name)
-        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _fsync_and_hash(path: Path) -> tuple[str, int]:
-    """Flush `path` to disk and return (sha256 hex, size in bytes) of what is there."""
+def _sha256(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file, read 1 MiB at a time."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "r+b") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(f.fileno())
     return digest.hexdigest(), size
-
-
-def _write_and_fsync(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (POSIX; a no-op where directories can't be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,11 +283,7 @@ def _verify_file(path: Path, expected_bytes: int, expected_sha256: str) -> None:
         raise CheckpointError(
             f"{path}: {path.name} size mismatch ({size} bytes, manifest says {expected_bytes})"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != expected_sha256:
+    if _sha256(path)[0] != expected_sha256:
         raise CheckpointError(f"{path}: {path.name}: sha256 mismatch (the file is corrupt)")
 
 
@@ -410,14 +367,7 @@ def write_pointer(
         if key in record and value != record[key]:
             raise ValueError(f"extra {key}={value!r} contradicts the checkpoint's {key}={record[key]!r}")
         record[key] = value
-    temp = pointer.with_name(f".{pointer.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        _write_and_fsync(temp, json.dumps(record, indent=2) + "\n")
-        os.replace(temp, pointer)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(pointer.parent)
+    write_json_atomic(pointer, record)
     return pointer
 
 
@@ -478,6 +428,34 @@ def resolve_checkpoint(run_dir: Path, which: str) -> Path:
         f"no checkpoint at step {step} in {checkpoints_dir(run_dir)}; "
         f"available: {_describe_available(run_dir)}"
     )
+
+
+def last_good(run_dir: Path) -> str:
+    """How a stopped run can go on: the checkpoint `resume` would continue from, and the command."""
+    try:
+        last = resolve_checkpoint(run_dir, "last")
+    except CheckpointError:
+        return "no checkpoint had been written yet; start the run again"
+    return f"the last good checkpoint {last.name} is intact; continue with `mmkit resume {run_dir}`"
+
+
+@contextmanager
+def stop_on_write_failure(run_dir: Path, what: str) -> Iterator[None]:
+    """Turn a failed write of `what` (a full disk: `OSError`, or safetensors' own `SafetensorError`)
+    into `RunStopped`: one line naming what failed, the last intact checkpoint and the command
+    that continues the run. The writers have already removed their temp files."""
+    try:
+        yield
+    except WRITE_ERRORS as exc:
+        raise RunStopped(f"could not write {what} ({_write_error_reason(exc)}); {last_good(run_dir)}") from None
+
+
+def _write_error_reason(exc: BaseException) -> str:
+    """`No space left on device`, from an OSError or from safetensors' `IoError(Os { ... message: "..." })`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    found = re.search(r'message: "([^"]+)"', str(exc))
+    return found.group(1) if found else str(exc) or type(exc).__name__
 
 
 def _describe_available(run_dir: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from mmkit.data.datasets import relocated_data_spec
 from mmkit.errors import MmkitError
 from mmkit.models.registry import ModelConfig, ModelEntry, get_model_entry
 from mmkit.settings import TrainingRecipe
+from mmkit.train.rundir import RUN_FILE, write_json_atomic
 
-RUN_FILE = "run.json"
 
 
 class RunConfig(BaseModel):
@@ -77,13 +76,3 @@ class RunConfig(BaseModel):
               f"from here; using {found}", file=sys.stderr)
         return self.model_copy(update={"data": found})
 
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(document, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -41,13 +41,11 @@ from mmkit.data.datasets import Dataset, iterate_batches, num_batches
 from mmkit.data.tokenizer import encode_batch
 from mmkit.errors import MmkitError
 from mmkit.models.registry import MultimodalModel
-from mmkit.train.checkpoint import CheckpointError, write_pointer
-from mmkit.train.config import RunConfig, write_json_atomic
+from mmkit.train.checkpoint import CheckpointError, checkpoints_dir, stop_on_write_failure, write_pointer
+from mmkit.train.config import RunConfig
 from mmkit.train.continual_metrics import ContinualMetrics, continual_metrics
 from mmkit.train.loop import (
     EPOCH_ORDER_KEY,
-    HISTORY_FILE,
-    METRICS_FILE,
     Reporter,
     StepRunner,
     TrainingInterrupted,
@@ -56,12 +54,12 @@ from mmkit.train.loop import (
     _write_history,
     build_training_model,
     evaluate,
-    read_history,
     restore_training_state,
     seed_everything,
     train_indices,
 )
 from mmkit.train.rundata import load_run_data
+from mmkit.train.rundir import HISTORY_FILE, METRICS_FILE, read_history, write_metrics
 from mmkit.train.schedule import learning_rate
 from mmkit.train.signals import StopRequest
 from mmkit.train.step import build_grad_scaler, build_optimizer
@@ -348,14 +346,16 @@ def train_continual(
     finished = last_epoch >= total_epochs
     test = None
     if finished and path is not None:
-        write_pointer(run_dir, "best", path, {"epoch": total_epochs, "step": global_step})  # no selection: the last
+        with stop_on_write_failure(run_dir, str(checkpoints_dir(run_dir) / "best.json")):
+            write_pointer(run_dir, "best", path, {"epoch": total_epochs, "step": global_step})  # no selection: the last
         test = evaluate(model, dataset, test_idx, batch_size=recipe.eval_batch_size, precision=config.precision,
                         device=device)
         figures = continual_metrics(matrix)
-        write_json_atomic(run_dir / METRICS_FILE, test.as_dict("test") | {
-            "checkpoint": path.name, "epoch": total_epochs, "tasks": tasks, "continual": figures.as_dict(),
-            "prompts_encoded": prompts.encoded,
-        })
+        with stop_on_write_failure(run_dir, str(run_dir / METRICS_FILE)):
+            write_metrics(run_dir, test.as_dict("test") | {
+                "checkpoint": path.name, "epoch": total_epochs, "tasks": tasks, "continual": figures.as_dict(),
+                "prompts_encoded": prompts.encoded,
+            })
     reporter.end(test)
     return TrainOutcome(run_dir, last_epoch, finished, test)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import random
 import signal
@@ -50,22 +49,23 @@ from mmkit.train.checkpoint import (
     rng_state_to_tensors,
     save_checkpoint,
     step_dir_name,
+    last_good,
+    stop_on_write_failure,
     write_pointer,
 )
 from mmkit.train.compile import compile_model
-from mmkit.train.config import RunConfig, write_json_atomic
+from mmkit.train.config import RunConfig
 from mmkit.train.forecast import MEASURED_STEPS, RunForecast, measured_forecast, predict_run
 from mmkit.train.distributed import SINGLE, World, check_batch_split, no_sync
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
 from mmkit.train.rundata import load_run_data
+from mmkit.train.rundir import HISTORY_FILE, METRICS_FILE, read_history, write_history, write_metrics
 from mmkit.train.schedule import learning_rate
 from mmkit.train.signals import StopRequest
 from mmkit.train.step import AMP_DTYPES, ForwardLoss, build_grad_scaler, build_optimizer, training_step
 
 OutOfMemoryError = torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError on torch >= 2.5
 
-HISTORY_FILE = "history.jsonl"
-METRICS_FILE = "metrics.json"
 DATA_GENERATOR_KEY = "rng.data_order"
 EPOCH_ORDER_KEY = "rng.epoch_order"  # data-order state at the start of an interrupted epoch
 
@@ -202,31 +202,9 @@ def train_indices(config: RunConfig, dataset: Dataset) -> torch.Tensor:
     return indices
 
 
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / HISTORY_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _write_history(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    path = run_dir / HISTORY_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RunStopped(f"could not write {path} ({exc.strerror or exc}); {_last_good(run_dir)}") from None
-
-
-def _last_good(run_dir: Path) -> str:
-    """How the run can go on: the checkpoint `resume` would continue from, and the command."""
-    try:
-        last = resolve_checkpoint(run_dir, "last")
-    except CheckpointError:
-        return "no checkpoint had been written yet; start the run again"
-    return f"the last good checkpoint {last.name} is intact; continue with `mmkit resume {run_dir}`"
+    with stop_on_write_failure(run_dir, str(run_dir / HISTORY_FILE)):
+        write_history(run_dir, records)
 
 
 def _save_training_checkpoint(
@@ -245,7 +223,7 @@ def _save_training_checkpoint(
     bad = next((k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise RunStopped(f"weight {bad!r} is not finite at step {global_step}; no checkpoint written; "
-                         f"{_last_good(run_dir)}")
+                         f"{last_good(run_dir)}")
     tensors, optimizer_meta = optimizer_state_to_tensors(optimizer.state_dict())
     tensors.update(rng_state_to_tensors(cuda_device=cuda_device))
     tensors[DATA_GENERATOR_KEY] = data_order.get_state()
@@ -255,15 +233,13 @@ def _save_training_checkpoint(
         "optimizer": optimizer_meta, "scaler": scaler.state_dict() if scaler is not None else None,
     }
     best_name = _pointer_name(run_dir, "best")
-    try:
+    with stop_on_write_failure(run_dir, f"the checkpoint of step {global_step}"):
         path = save_checkpoint(
             run_dir, global_step, model_state, tensors, trainer_state,
             keep_last=config.training.keep_last, protect={best_name} if best_name and protect_best else set(),
         )
+    with stop_on_write_failure(run_dir, str(checkpoints_dir(run_dir) / "last.json")):
         write_pointer(run_dir, "last", path, {"epoch": state["epoch"], "step": global_step})
-    except OSError as exc:
-        raise RunStopped(f"could not write the checkpoint of step {global_step} ({exc.strerror or exc}); "
-                         f"{_last_good(run_dir)}") from None
     return path
 
 
@@ -469,7 +445,8 @@ def _train(
                 {}, protect_best=not is_best,
             )
             if is_best and world.is_main:
-                write_pointer(run_dir, "best", path, {"epoch": epoch + 1, "step": global_step, "val_uar": val.uar})
+                with stop_on_write_failure(run_dir, str(checkpoints_dir(run_dir) / "best.json")):
+                    write_pointer(run_dir, "best", path, {"epoch": epoch + 1, "step": global_step, "val_uar": val.uar})
         reporter.epoch_end(record)
 
     finished = last_epoch >= recipe.epochs
@@ -530,13 +507,13 @@ class StepRunner:
                     raise RunStopped(
                         f"CUDA out of memory in the optimizer step at step {step}{rank}: the weights, gradients and "
                         f"optimizer state alone do not fit, whatever the batch; pick a smaller --size (see "
-                        f"`mmkit memory-plan`); {_last_good(self.run_dir)}"
+                        f"`mmkit memory-plan`); {last_good(self.run_dir)}"
                     ) from None
                 if self.world.distributed:  # halving one rank's micro-batch alone would desynchronize DDP
                     raise RunStopped(
                         f"CUDA out of memory in the {phase.name} pass at step {step}{rank}; with several processes "
                         f"the micro-batch is not halved automatically: raise --set grad_accum (see `mmkit "
-                        f"memory-plan --nproc`); {_last_good(self.run_dir)}"
+                        f"memory-plan --nproc`); {last_good(self.run_dir)}"
                     ) from None
             self._back_off(step)
         if self.world.distributed:  # the global batch's mean: shares weighted by their size
@@ -546,7 +523,7 @@ class StepRunner:
             recipe = self.config.training
             raise RunStopped(
                 f"loss is {loss.item()} at {where}, step {step}; stopped before any checkpoint with "
-                f"non-finite weights; {_last_good(self.run_dir)} (a lower lr than {recipe.lr:g}"
+                f"non-finite weights; {last_good(self.run_dir)} (a lower lr than {recipe.lr:g}"
                 f"{'' if self.config.precision == 'fp32' else ' or fp32'} may avoid it)"
             )
         return loss
@@ -590,7 +567,7 @@ class StepRunner:
         if micro <= 1:
             raise RunStopped(
                 f"CUDA out of memory at step {step} even with a micro-batch of 1; pick a smaller --size or "
-                f"precision (see `mmkit memory-plan`); {_last_good(self.run_dir)}"
+                f"precision (see `mmkit memory-plan`); {last_good(self.run_dir)}"
             )
         doubled = min(self.micro_batches * 2, batch_size)
         training = self.config.training.model_copy(update={"grad_accum": doubled})
@@ -672,5 +649,6 @@ def final_test(
                     precision=config.precision, device=device, world=world)
     if world.is_main:
         document = test.as_dict("test") | {"checkpoint": best.name, "epoch": trainer["epoch"]}
-        write_json_atomic(run_dir / METRICS_FILE, document)
+        with stop_on_write_failure(run_dir, str(run_dir / METRICS_FILE)):
+            write_metrics(run_dir, document)
     return test
