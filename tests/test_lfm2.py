@@ -1,4 +1,4 @@
-"""The `lfm2` family: parameter formulas from ARCHITECTURES.md, sizes, causality, training step."""
+"""The `lfm2` family: parameter formulas of the LFM2 and Conformer layers, sizes, causality, training step."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ click: Any = getattr(typer.core, "_click", None) or __import__("click")
 
 class OneLineErrors(TyperGroup):
     """Usage errors (a bad option value, a missing argument) as one line on stderr, exit code 2,
-    like every other mistake a user can make (DESIGN.md, "Errors")."""
+    like every other mistake a user can make (one line, exit 2)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:

@@ -1,7 +1,7 @@
 """Shared layers for the sequence families: norms, RoPE, attention, Conformer and LFM2 blocks.
 
 Every layer states its parameter count in its docstring, so that a count can be checked by hand
-against /work/shared/ARCHITECTURES.md. Shapes: B batch, T sequence length, D (or H) model width.
+against the published LFM2 and Conformer papers' layer definitions. Shapes: B batch, T sequence length, D (or H) model width.
 """
 
 from __future__ import annotations

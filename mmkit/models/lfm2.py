@@ -9,7 +9,8 @@
 
 Top-level children, in order: `audio`, `visual`, `fusion`, `classifier`.
 
-Parameters (exact; each followed by the seed's figure, shared/seeds/av-emotion-rtx3050.md):
+Parameters (exact; each followed by the figure claimed in the RTX 3050 audio-visual emotion
+recognition write-up this family reproduces, "the seed's figure"):
 
     size      audio            visual           fusion           classifier     total
     original  49,862,528 ~50M  15,469,504 ~14M  86,530,688 ~84M  396,040 ~0.4M  152,258,760 ~149M

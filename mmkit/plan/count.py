@@ -68,7 +68,7 @@ class CountReport:
         return {dtype: self.total_params * n for dtype, n in BYTES_PER_PARAM.items()}
 
     def as_dict(self) -> dict[str, Any]:
-        """The `mmkit count --json` document (contract: see DESIGN.md)."""
+        """The `mmkit count --json` document (a stable contract)."""
         return {
             "model": self.model,
             "size": self.size,

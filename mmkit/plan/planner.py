@@ -60,7 +60,7 @@ class MemoryPlan:
         return self.fit.chosen.fits
 
     def as_dict(self) -> dict[str, Any]:
-        """The `mmkit memory-plan --json` document (contract: see DESIGN.md)."""
+        """The `mmkit memory-plan --json` document (a stable contract)."""
         fit, chosen = self.fit, self.fit.chosen
         train = chosen.train
         overhead = sum(chosen.overhead.values())

@@ -1,6 +1,6 @@
 """Safe checkpoints: safetensors for tensors, JSON for everything else, nothing executable.
 
-Layout of a run directory's checkpoints (DESIGN.md, "Run directory", a contract):
+Layout of a run directory's checkpoints (a stable contract):
 
     RUN/checkpoints/step-NNNNNNNN/   model.safetensors   the model's state_dict
                                      state.safetensors   optimizer, scaler and RNG tensors

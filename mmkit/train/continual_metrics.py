@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the accuracy matrix R (ARCHITECTURES.md, "Metrics").
+"""Continual-learning metrics from the accuracy matrix R (Chaudhry et al. 2018, Lopez-Paz & Ranzato 2017).
 
 R[i][j] is the accuracy on task j's test samples after training task i, for T tasks (a T×T list;
 entries with j > i are measured too and describe tasks not yet learned). With F = T − 1 the final

@@ -70,7 +70,7 @@ class ClassificationMetrics:
     classes: tuple[str, ...]  # the order of the confusion matrix's rows and columns
 
     def as_dict(self, split: str) -> dict[str, Any]:
-        """The `mmkit eval --json` document (DESIGN.md, "JSON shapes")."""
+        """The `mmkit eval --json` document (a stable contract)."""
         return {
             "split": split,
             "n": self.n,
