@@ -40,7 +40,11 @@ runner = CliRunner()
 TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2", "--train-fraction", "0.2",
          "--set", "checkpoint_every_steps=10")
 STEPS_PER_EPOCH = 32
-TOLERANCE = 1e-4  # relative: weights (L2 over all of them) and per-epoch training losses
+# relative: weights (L2 over all of them) and per-epoch training losses. Two processes run each
+# matmul at half the batch, and CPU kernels round differently per batch size (oneDNN picks other
+# blocking, AMX tiles on CPUs that have them): measured gaps ~1e-5 on an AVX512 EPYC, ~1.5e-3 on
+# an AMX Xeon after 64 steps. A wrong gradient average (a sum, or one rank's gradient) gives > 0.1.
+TOLERANCE = 5e-3
 
 SITECUSTOMIZE = r'''
 import os, signal, sys, time
@@ -180,7 +184,7 @@ def test_two_processes_end_identical_and_match_one_process(single: Path, two: tu
     assert json.loads((run / "run.json").read_text())["training"]["batch_size"] == 32  # global
 
 
-def test_sharded_evaluation_is_bitwise_the_one_process_evaluation(two: tuple[Path, Path]) -> None:
+def test_sharded_evaluation_predicts_exactly_as_the_one_process_evaluation(two: tuple[Path, Path]) -> None:
     run, _ = two
     config = RunConfig.load(run)
     model = build_model(config.entry, config.model_config_object())
@@ -189,7 +193,9 @@ def test_sharded_evaluation_is_bitwise_the_one_process_evaluation(two: tuple[Pat
     val, val_loss = evaluate_with_loss(model, dataset, dataset.indices("val"), batch_size=256,
                                        precision="fp32", device=torch.device("cpu"))
     last = history(run)[-1]
-    assert (last["val_loss"], last["val_accuracy"], last["val_uar"]) == (val_loss, val.accuracy, val.uar)
+    assert (last["val_accuracy"], last["val_uar"]) == (val.accuracy, val.uar)  # every prediction the same
+    # the loss is a float sum over shards: equal up to rounding (matmuls at another batch size)
+    assert last["val_loss"] == pytest.approx(val_loss, rel=1e-6)
     # the final test of the best checkpoint (sharded, 2 processes) equals `mmkit eval` (1 process)
     result = runner.invoke(app, ["eval", str(run), "--json"])
     assert result.exit_code == 0, result.output
@@ -304,7 +310,9 @@ def test_continual_refuses_several_processes(tmp_path: Path) -> None:
 def test_resume_with_a_world_size_that_does_not_split_the_batch(single: Path) -> None:
     result = runner.invoke(app, ["resume", str(single), "--nproc-per-node", "3"])
     assert result.exit_code == 2
-    assert "must split evenly across 3 processes" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert ("the run's batch size 32 does not split evenly across 3 processes; resume it with a number of "
+            "processes that divides 32 (1, 2, 4, 8, 16, 32)") in result.stderr
 
 
 def test_batch_split_rules() -> None:
