@@ -2,7 +2,7 @@
 
     python -m bench.data_share [--quick]
 
-Each built-in dataset is trained for one epoch by `mmkit.train.loop.train_run` (preset quick,
+Each built-in dataset is trained for one epoch by `mmkit.train.run.train_run` (preset quick,
 the dataset's default model, a stratified fraction of the training split), with the loop's
 `iterate_batches` wrapped so that the time spent inside each `next()` of the training batches is
 summed. Share = that time / the epoch's own `epoch_time` (history.jsonl; validation excluded).
@@ -28,6 +28,8 @@ def epoch_data_share(data: str, model: str, train_fraction: float) -> dict[str, 
     import mmkit.train.loop as loop
     from mmkit.data.datasets import clear_dataset_cache
     from mmkit.train.resolve import RunOptions, resolve_run
+    from mmkit.train.run import train_run
+    from mmkit.train.rundir import read_history
 
     clear_dataset_cache()
     start = time.perf_counter()
@@ -56,8 +58,8 @@ def epoch_data_share(data: str, model: str, train_fraction: float) -> dict[str, 
     loop.iterate_batches = timed_batches
     try:
         with tempfile.TemporaryDirectory(prefix="mmkit-bench-") as tmp:
-            loop.train_run(Path(tmp) / "run", prepared.run_config(), stop_after_epochs=1, dataset=prepared.dataset)
-            record = loop.read_history(Path(tmp) / "run")[0]
+            train_run(Path(tmp) / "run", prepared.run_config(), stop_after_epochs=1, dataset=prepared.dataset)
+            record = read_history(Path(tmp) / "run")[0]
     finally:
         loop.iterate_batches = original
     config = prepared.run_config()

@@ -78,7 +78,8 @@ def planner_rows(quick: bool) -> list[dict[str, Any]]:
 
 
 def oom_backoff_row() -> dict[str, Any]:
-    from mmkit.train.loop import SilentReporter, StepRunner
+    from mmkit.train.engine import StepRunner
+    from mmkit.train.report import SilentReporter
     from mmkit.train.resolve import RunOptions, resolve_run
 
     batch = 64

@@ -7,7 +7,7 @@ Both sides train the same model (same seed, so the same initial weights) on the 
 clipping at 1.0 by the global norm (mmkit clips by default; the raw loop clips too, so the two do
 the same arithmetic).
 
-mmkit   what `mmkit train` runs per batch (mmkit/train/loop.py, `_train`'s inner loop): the
+mmkit   what `mmkit train` runs per batch (mmkit/train/engine.py, `Engine.train_epoch`): the
         learning rate from the schedule set on every parameter group, `StepRunner.step` (micro-
         batching, out-of-memory guard, `training_step` under a disabled autocast, the non-finite
         loss check), the epoch's loss sum, and the rich progress bar's update with the loss
@@ -88,7 +88,7 @@ def step_overhead(model: str, size: str, rounds: int, steps_per_block: int,
                   batch_size: int = BATCH_SIZE) -> dict[str, Any]:
     from mmkit.data.datasets import iterate_batches
     from mmkit.models.registry import build_model
-    from mmkit.train.loop import StepRunner, seed_everything
+    from mmkit.train.engine import StepRunner, seed_everything
     from mmkit.train.resolve import RunOptions, resolve_run
     from mmkit.train.schedule import learning_rate
     from mmkit.train.step import build_optimizer

@@ -41,7 +41,7 @@ def step_rig(model: str, size: str, batch_size: int, precision: str = "fp32", *,
     """A model on its default data's shapes, seeded, with AdamW as `mmkit train` builds it (fused on a
     CPU) unless `optimizer_options` say otherwise; returns `step() -> seconds`."""
     from mmkit.models.registry import apply_overrides, build_model
-    from mmkit.train.loop import seed_everything
+    from mmkit.train.engine import seed_everything
     from mmkit.train.step import build_optimizer, training_step
 
     config = _prepared(model, size).run_config()
@@ -109,7 +109,7 @@ def amp(quick: bool) -> list[dict[str, Any]]:
         import tempfile
         from pathlib import Path
 
-        from mmkit.train.loop import train_run
+        from mmkit.train.run import train_run
 
         accuracy = {}
         for precision in ("fp32", "bf16"):

@@ -11,7 +11,8 @@ from runhelpers import assert_bitwise_equal, last_model
 
 import mmkit.train.compile as compile_module
 from mmkit.models.registry import create_model
-from mmkit.train.loop import SilentReporter, train_run
+from mmkit.train.report import SilentReporter
+from mmkit.train.run import train_run
 from mmkit.train.resolve import RunOptions, resolve_run
 
 TINY = {"epochs": 1, "train_fraction": 0.02}

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import assert_bitwise_equal, history, last_model
+from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model
 from typer.testing import CliRunner
 
+import mmkit.train.engine as engine
 from mmkit.cli.app import app
+from mmkit.cli.progress import RichReporter
 from mmkit.errors import MmkitError
 from mmkit.models.registry import create_model
 from mmkit.train.continual import (
@@ -25,6 +32,10 @@ runner = CliRunner()
 # 3 tasks of 2 classes, 2 epochs each, on a tenth of synthetic-fashion with a small clip: seconds
 TINY = ("--preset", "continual", "--size", "w64", "--train-fraction", "0.1", "--batch-size", "32",
         "--set", "tasks=3", "--set", "epochs_per_task=2", "--set", "buffer_size=60", "--set", "precision=fp32")
+# its stream: task 1 = epochs 1-2 of 4 steps (steps 1-8), task 2 = epochs 3-4 of 8 (9-24, replay on),
+# task 3 = epochs 5-6 of 8 (25-40)
+EVERY_5_STEPS = ("--set", "checkpoint_every_steps=5")
+TIMINGS: dict[str, float] = {}  # seconds the straight run took on this machine
 
 
 def test_tasks_are_disjoint_seeded_groups_of_classes() -> None:
@@ -89,7 +100,9 @@ def test_a_frozen_text_encoder_encodes_each_prompt_once_for_the_whole_run() -> N
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("continual") / "R"
+    started = time.perf_counter()
     result = runner.invoke(app, ["train", "clip", *TINY, "--out", str(run)])
+    TIMINGS["run"] = time.perf_counter() - started
     assert result.exit_code == 0, result.output
     return run
 
@@ -124,6 +137,106 @@ def test_resume_in_the_middle_of_the_stream_is_exact(straight: Path, tmp_path: P
     assert_bitwise_equal(last_model(straight), last_model(run))
     assert json.loads((run / "metrics.json").read_text())["continual"] == \
         json.loads((straight / "metrics.json").read_text())["continual"]
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """History records without the figures that time the run."""
+    return [{k: v for k, v in r.items() if k not in ("epoch_time", "samples_per_s")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def time_limit(straight: Path) -> float:
+    """Seconds a process running the whole stream may take here: its start-up, measured, plus
+    three times the straight run's measured steps (wall time per step × steps)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import mmkit.cli.app"], check=True)
+    steps = history(straight)[-1]["step"]
+    return time.perf_counter() - started + 3 * steps * (TIMINGS["run"] / steps)
+
+
+KILL_DRIVER = """
+import os, signal, sys
+import mmkit.train.engine as engine
+from mmkit.cli.app import main
+
+at, calls = int(sys.argv[1]), [0]
+step = engine.StepRunner.step
+
+def killing_step(self, *args, **kwargs):  # SIGKILL before optimizer step `at`: exactly `kill -9`
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, *args, **kwargs)
+
+engine.StepRunner.step = killing_step
+sys.argv = ["mmkit", *sys.argv[2:]]
+main()
+"""
+
+
+def test_kill_9_mid_task_then_resume_is_bitwise_identical(straight: Path, time_limit: float, tmp_path: Path) -> None:
+    run, driver = tmp_path / "R", tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    # killed before step 14, in task 2's first epoch; the checkpoint of step 10 is its 2nd of 8 steps
+    process = subprocess.run(
+        [sys.executable, str(driver), "14", "train", "clip", *TINY, *EVERY_5_STEPS, "--out", str(run)],
+        capture_output=True, text=True, timeout=time_limit,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    trainer = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
+    assert (trainer["global_step"], trainer["epoch"], trainer["batches_in_epoch"]) == (10, 2, 2)
+    assert 13 - trainer["global_step"] <= 5  # steps 11-13 lost, at most the 5 between checkpoints
+
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "from step-00000010 (task 2, epoch 3, after step 2 of 8)" in " ".join(result.output.split())
+    assert_bitwise_equal(last_model(straight), last_model(run))
+    assert comparable(history(run)) == comparable(history(straight))
+    assert json.loads((run / "metrics.json").read_text())["continual"] == \
+        json.loads((straight / "metrics.json").read_text())["continual"]
+
+
+def test_sigterm_mid_task_checkpoints_inside_the_epoch_and_resumes_exactly(
+    straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during step 27 (3rd of 8 in epoch 5, task 3), then during step 32 (that epoch's
+    last): each time the step finishes and is checkpointed, and `resume` goes on from it — the
+    step bar at the resumed step, the epoch's lr its last step's."""
+    real_step, calls = engine.StepRunner.step, [0]
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1  # counted across the three runs below: call N is step N
+        if calls[0] in (27, 32):
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by mmkit's handler after this step
+        return real_step(self, *args, **kwargs)
+
+    real_start, starts = RichReporter.epoch_start, []
+
+    def epoch_start(self, epoch, epochs, steps, done=0):
+        starts.append((epoch, done))
+        return real_start(self, epoch, epochs, steps, done)
+
+    monkeypatch.setattr(engine.StepRunner, "step", step)
+    monkeypatch.setattr(RichReporter, "epoch_start", epoch_start)
+    run = tmp_path / "R"
+    result = runner.invoke(app, ["train", "clip", *TINY, *EVERY_5_STEPS, "--out", str(run)])
+    assert result.exit_code == 143, result.output
+    trainer = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
+    assert (trainer["global_step"], trainer["epoch"], trainer["batches_in_epoch"]) == (27, 4, 3)
+
+    starts.clear()
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 143, result.output
+    assert "from step-00000027 (task 3, epoch 5, after step 3 of 8)" in " ".join(result.output.split())
+    assert starts == [(5, 3)]
+    assert last_checkpoint(run).name == "step-00000032"
+
+    starts.clear()
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert starts == [(5, 8), (6, 0)]
+    assert_bitwise_equal(last_model(straight), last_model(run))
+    assert comparable(history(run)) == comparable(history(straight))  # the lr of epoch 5 included
 
 
 def test_fusion_runs_the_same_stream(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from mmkit.models.registry import build_model
 from mmkit.settings import builtin_preset_dir
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import Launch, World, check_batch_split
-from mmkit.train.loop import evaluate_with_loss
+from mmkit.train.evaluation import evaluate_with_loss
 
 runner = CliRunner()
 
@@ -72,6 +72,7 @@ if "RANK" in os.environ and os.environ.get("DDP_TEST_OUT"):
 
     sys.addaudithook(audit)
 
+    import mmkit.train.engine as engine
     import mmkit.train.loop as loop
     from safetensors.torch import save_file
 
@@ -85,7 +86,7 @@ if "RANK" in os.environ and os.environ.get("DDP_TEST_OUT"):
     loop.final_test = final_test
 
     stop_at, stop_how = int(os.environ.get("DDP_TEST_STOP_AT", "0")), os.environ.get("DDP_TEST_STOP_HOW")
-    real_step, calls = loop.StepRunner.step, [0]
+    real_step, calls = engine.StepRunner.step, [0]
 
     import mmkit.train.signals as signals
 
@@ -108,7 +109,7 @@ if "RANK" in os.environ and os.environ.get("DDP_TEST_OUT"):
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, *args, **kwargs)
 
-    loop.StepRunner.step = step
+    engine.StepRunner.step = step
 '''
 
 

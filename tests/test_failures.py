@@ -17,12 +17,13 @@ from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_mode
 from typer.testing import CliRunner
 
 import mmkit.train.checkpoint as checkpoint
-import mmkit.train.loop as loop
+import mmkit.train.engine as engine
 import mmkit.train.step as step
 from mmkit.cli.app import app
 from mmkit.train.checkpoint import list_checkpoints, load_checkpoint
 from mmkit.train.config import RunConfig
 from mmkit.train.resolve import RunOptions, resolve_run
+from mmkit.train.run import train_run
 
 runner = CliRunner()
 TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2")  # 79 steps per epoch
@@ -67,24 +68,24 @@ def test_inf_loss_with_fp16_is_skipped_by_the_scaler_whose_state_survives_resume
 ) -> None:
     resolved = resolve_run(RunOptions(model="multichannel", preset="quick", epochs=2, device="cpu"))
     config = resolved.run_config().model_copy(update={"precision": "fp16"})  # fp16 autocast + GradScaler
-    real_step, scales = loop.training_step, []
+    real_step, scales = engine.training_step, []
 
     def training_step(*args, **kwargs):  # the loss scale after each step
         loss = real_step(*args, **kwargs)
         scales.append(kwargs["scaler"].get_scale())
         return loss
 
-    monkeypatch.setattr(loop, "training_step", training_step)
+    monkeypatch.setattr(engine, "training_step", training_step)
     poison_loss_at(monkeypatch, 5, float("inf"))  # one overflow in epoch 1 of each run below
-    loop.train_run(tmp_path / "straight", config, dataset=resolved.dataset)
+    train_run(tmp_path / "straight", config, dataset=resolved.dataset)
     assert scales[4] == scales[3] / 2  # the scaler saw the overflow, skipped the step, backed off
 
     poison_loss_at(monkeypatch, 5, float("inf"))
     split = tmp_path / "split"
-    loop.train_run(split, config, stop_after_epochs=1, dataset=resolved.dataset)
+    train_run(split, config, stop_after_epochs=1, dataset=resolved.dataset)
     _, _, trainer = load_checkpoint(last_checkpoint(split))
     assert trainer["scaler"]["scale"] == scales[78]  # the scaler's state is in the checkpoint
-    loop.train_run(split, config, resume=True, dataset=resolved.dataset)
+    train_run(split, config, resume=True, dataset=resolved.dataset)
 
     # a resumed scaler that started again from 2**16 would skip other steps: the weights would differ
     assert_bitwise_equal(last_model(tmp_path / "straight"), last_model(split))
@@ -127,7 +128,7 @@ def test_disk_full_stops_cleanly_and_the_last_good_checkpoint_resumes_exactly(
 def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, limit: int, phase: str = "forward") -> list[int]:
     """CUDA OOM in `phase` whenever a micro-batch holds more than `limit` samples; returns the
     sizes of the micro-batches that ran."""
-    real, sizes = loop.training_step, []
+    real, sizes = engine.training_step, []
 
     def training_step(model, optimizer, inputs, labels, **kwargs):
         kwargs["on_phase"](phase)
@@ -136,7 +137,7 @@ def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, limit: int, phase: str 
         sizes.append(labels.shape[0])
         return real(model, optimizer, inputs, labels, **kwargs)
 
-    monkeypatch.setattr(loop, "training_step", training_step)
+    monkeypatch.setattr(engine, "training_step", training_step)
     return sizes
 
 

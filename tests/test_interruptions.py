@@ -102,7 +102,7 @@ STEPS_PER_EPOCH = 79  # 2500 training samples (train_fraction 0.5) in batches of
 DRIVER = """
 import os, signal, sys
 import mmkit.train.checkpoint as checkpoint
-import mmkit.train.loop as loop
+import mmkit.train.engine as engine
 from mmkit.cli.app import main
 
 point, at = sys.argv[1], int(sys.argv[2])
@@ -115,19 +115,19 @@ def kill_on(call):  # SIGKILL: no handler, no cleanup, no flush -- exactly `kill
         os.kill(os.getpid(), signal.SIGKILL)
 
 if point == "before-step":  # before optimizer step number `at` (1-based) starts
-    step = loop.StepRunner.step
+    step = engine.StepRunner.step
     def wrapped(self, *args, **kwargs):
         kill_on(None)
         return step(self, *args, **kwargs)
-    loop.StepRunner.step = wrapped
+    engine.StepRunner.step = wrapped
 elif point == "between-micro-batches":  # after the first micro-batch of a step, before the second
-    micro = loop.training_step
+    micro = engine.training_step
     def wrapped(*args, **kwargs):
         result = micro(*args, **kwargs)
         if not kwargs["step_optimizer"]:
             kill_on(None)
         return result
-    loop.training_step = wrapped
+    engine.training_step = wrapped
 elif point == "writing-checkpoint":  # model.safetensors of checkpoint `at` written, the rest not
     save = checkpoint.save_file
     def wrapped(tensors, path, metadata=None):
@@ -187,9 +187,9 @@ def test_kill_9_then_resume_is_bitwise_identical(
 def test_signal_after_the_last_step_of_an_epoch_resumes_into_validation(
     tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mmkit.train.loop as loop
+    import mmkit.train.engine as engine
 
-    real, calls = loop.StepRunner.step, [0]
+    real, calls = engine.StepRunner.step, [0]
 
     def optimizer_step(self, *args, **kwargs):
         calls[0] += 1
@@ -197,11 +197,11 @@ def test_signal_after_the_last_step_of_an_epoch_resumes_into_validation(
             os.kill(os.getpid(), signal.SIGTERM)  # caught by mmkit's handler after this step
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop.StepRunner, "step", optimizer_step)
+    monkeypatch.setattr(engine.StepRunner, "step", optimizer_step)
     run = tmp_path / "R"
     result = runner.invoke(app, [*TRAIN, "--out", str(run)])
     assert result.exit_code == 143, result.output
-    monkeypatch.setattr(loop.StepRunner, "step", real)
+    monkeypatch.setattr(engine.StepRunner, "step", real)
     result = runner.invoke(app, ["resume", str(run)])
     assert result.exit_code == 0, result.output
     assert "after step 157 of 157" in result.output
@@ -212,12 +212,12 @@ def test_signal_after_the_last_step_of_an_epoch_resumes_into_validation(
 SLOW_STEP_DRIVER = """
 import signal, sys, time
 from pathlib import Path
-import mmkit.train.loop as loop
+import mmkit.train.engine as engine
 from mmkit.cli.app import main
 
 at, marker = int(sys.argv[1]), Path(sys.argv[2])
 calls = 0
-step = loop.StepRunner.step
+step = engine.StepRunner.step
 
 def slow(self, *args, **kwargs):
     # step `at` stays outside the interpreter's reach for a minute: the main thread blocks SIGINT,
@@ -231,7 +231,7 @@ def slow(self, *args, **kwargs):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return step(self, *args, **kwargs)
 
-loop.StepRunner.step = slow
+engine.StepRunner.step = slow
 sys.argv = ["mmkit", *sys.argv[3:]]
 main()
 """

@@ -87,10 +87,8 @@ def test_no_two_modules_of_mmkit_import_each_other() -> None:
     modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
     graph = {name: {m for m in _imports(path, set(modules)) if m in modules and m != name} for name, path in modules.items()}
     pairs = sorted((a, b) for a, targets in graph.items() for b in targets if a < b and a in graph.get(b, ()))
-    # the model registry loads the built-in families lazily, by name, the way an entry point would;
-    # plain and continual training still share the loop by importing each other
+    # the model registry loads the built-in families lazily, by name, the way an entry point would
     allowed = {("mmkit.models.registry", f"mmkit.models.{family}") for family in list_models()}
-    allowed.add(("mmkit.train.continual", "mmkit.train.loop"))
     assert [pair for pair in pairs if pair not in allowed and pair[::-1] not in allowed] == []
 
 

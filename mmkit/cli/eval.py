@@ -34,7 +34,7 @@ def eval_cli(
     from mmkit.models.registry import build_model
     from mmkit.train.checkpoint import load_checkpoint, load_model_state, resolve_checkpoint
     from mmkit.train.config import RunConfig
-    from mmkit.train.loop import evaluate
+    from mmkit.train.evaluation import evaluate
     from mmkit.train.resolve import resolve_device
     from mmkit.train.rundata import load_run_data
 

@@ -1,4 +1,4 @@
-"""`mmkit train MODEL` and `mmkit resume RUN`: thin wrappers over `mmkit.train.loop.train_run`.
+"""`mmkit train MODEL` and `mmkit resume RUN`: thin wrappers over `mmkit.train.run.train_run`.
 
 With `--nproc-per-node N` (or the multi-node options) this process launches N workers through
 torchrun (see mmkit.cli.launch); each worker, and every process that torchrun starts directly,
@@ -74,7 +74,7 @@ def train_cli(
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     check_model_name(model)  # a mistyped name is reported before torch loads
     from mmkit.train.distributed import process_group
-    from mmkit.train.loop import train_run
+    from mmkit.train.run import train_run
     from mmkit.train.resolve import RunOptions, check_request, resolve_device, resolve_run
 
     options = RunOptions(
@@ -128,7 +128,7 @@ def resume_cli(
     from mmkit.train.checkpoint import resolve_checkpoint
     from mmkit.train.config import RunConfig
     from mmkit.train.distributed import process_group
-    from mmkit.train.loop import train_run
+    from mmkit.train.run import train_run
 
     config = RunConfig.load(run)
     resolve_checkpoint(run, "last")  # a clear error when there is nothing to resume from
@@ -163,7 +163,7 @@ def _check_resume_split(world_size: int, batch_size: int) -> None:
 @contextlib.contextmanager
 def _interruptions(run_dir: Path, reporter: object, world: World | None = None) -> Iterator[None]:
     """SIGINT/SIGTERM: the loop has checkpointed; say how to continue (rank 0) and exit 130 / 143."""
-    from mmkit.train.loop import TrainingInterrupted
+    from mmkit.train.signals import TrainingInterrupted
 
     try:
         yield

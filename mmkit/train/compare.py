@@ -42,7 +42,7 @@ from mmkit.plan.hardware import resolve_gpu
 from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_steps
 from mmkit.settings import GpuPreset
 from mmkit.train.continual import read_continual_metrics
-from mmkit.train.loop import train_run
+from mmkit.train.run import train_run
 from mmkit.train.resolve import ResolvedRun, RunOptions, check_request, resolve_run, split_set_options
 from mmkit.train.rundata import check_data_for_model
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step

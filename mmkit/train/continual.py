@@ -19,6 +19,10 @@ samples, an old class keeps a prefix of its (already random) members. Memory sam
 without replacement from their own generator. The buffer and that generator are saved in every
 checkpoint, so a resumed stream is bitwise identical to a straight one on the CPU.
 
+Steps, stop requests and checkpoints are the shared engine's (mmkit.train.engine), as in plain
+training: a checkpoint every `checkpoint_every` epochs and at the last one, every
+`checkpoint_every_steps` steps inside an epoch, and on SIGINT/SIGTERM after the current step.
+
 Text-embedding cache (`text_cache`, default on): the class prompts are encoded once per step for
 the distinct classes in the batch instead of once per sample (the seed's way: 256 encodings for at
 most 10 prompts), and kept across steps while the text encoder cannot change (frozen with
@@ -28,8 +32,8 @@ most 10 prompts), and kept across steps while the text encoder cannot change (fr
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +48,24 @@ from mmkit.models.registry import MultimodalModel
 from mmkit.train.checkpoint import CheckpointError, checkpoints_dir, stop_on_write_failure, write_pointer
 from mmkit.train.config import RunConfig
 from mmkit.train.continual_metrics import ContinualMetrics, continual_metrics
-from mmkit.train.loop import (
-    EPOCH_ORDER_KEY,
-    Reporter,
-    StepRunner,
-    TrainingInterrupted,
+from mmkit.train.engine import (
+    Batch,
+    Engine,
+    EpochPlan,
     TrainOutcome,
-    _save_training_checkpoint,
-    _write_history,
     build_training_model,
-    evaluate,
-    restore_training_state,
+    prepare_run_dir,
     seed_everything,
     train_indices,
 )
+from mmkit.train.evaluation import evaluate
+from mmkit.train.metrics import ClassificationMetrics
+from mmkit.train.report import Reporter
 from mmkit.train.rundata import load_run_data
-from mmkit.train.rundir import HISTORY_FILE, METRICS_FILE, read_history, write_metrics
+from mmkit.train.rundir import METRICS_FILE, read_history, write_metrics
 from mmkit.train.schedule import learning_rate
 from mmkit.train.signals import StopRequest
+from mmkit.train.state import Restored, Trainables, TrainerState
 from mmkit.train.step import build_grad_scaler, build_optimizer
 
 REPLAY_INDICES_KEY = "replay.indices"  # int64 [n]: dataset indices held in memory
@@ -207,7 +211,108 @@ def prompt_tokens(classes: tuple[str, ...], context_length: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop
+# The run state continual learning adds, and the stream as epochs
+
+
+@dataclass
+class ContinualState:
+    """Continual learning's part of the run state, saved in every checkpoint: the replay buffer,
+    the generator memory samples are drawn from, and the rows of the accuracy matrix so far."""
+
+    buffer: ReplayBuffer
+    replay_order: torch.Generator
+    dataset_size: int  # a restored buffer must index into the dataset
+    matrix: list[list[float]] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, capacity: int, seed: int, dataset_size: int) -> ContinualState:
+        return cls(ReplayBuffer(capacity), torch.Generator().manual_seed(seed + 1), dataset_size)
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {"matrix": self.matrix}
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        return {**self.buffer.to_tensors(), REPLAY_ORDER_KEY: self.replay_order.get_state()}
+
+    def restore(self, trainer: TrainerState, tensors: Mapping[str, Tensor], checkpoint_dir: Path) -> None:
+        try:
+            self.buffer = ReplayBuffer.from_tensors(self.buffer.capacity, tensors, self.dataset_size)
+            self.replay_order.set_state(tensors[REPLAY_ORDER_KEY])
+            self.matrix = [[float(a) for a in row] for row in (trainer.model_extra or {})["matrix"]]
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise CheckpointError(f"{checkpoint_dir}: continual state unusable ({error})") from None
+
+
+@dataclass(frozen=True)
+class TaskStream:
+    """The class-incremental stream laid out as epochs: task t is epochs t·E … t·E + E − 1
+    (E = `epochs_per_task`), over its classes' training samples, B − m new samples per batch from
+    the second task on (m: the memory part of a batch)."""
+
+    tasks: list[list[int]]  # the classes of each task
+    train: list[Tensor]  # each task's training indices
+    test: list[Tensor]  # each task's test indices
+    batch_size: int
+    memory_batch: int
+    epochs_per_task: int
+
+    @classmethod
+    def build(cls, config: RunConfig, dataset: Dataset) -> TaskStream:
+        recipe = config.training
+        tasks = class_incremental_tasks(dataset.num_classes, recipe.classes_per_task, recipe.tasks, recipe.seed)
+        train_idx, test_idx = train_indices(config, dataset), dataset.indices("test")
+
+        def in_task(idx: Tensor, classes: list[int]) -> Tensor:
+            return idx[torch.isin(dataset.labels[idx], torch.tensor(classes))]
+
+        batch_size = int(recipe.batch_size)
+        memory_batch = round(recipe.replay_ratio * batch_size) if recipe.buffer_size else 0
+        return cls(tasks, [in_task(train_idx, c) for c in tasks], [in_task(test_idx, c) for c in tasks],
+                   batch_size, min(memory_batch, batch_size - 1), recipe.epochs_per_task)  # ≥ 1 new sample a batch
+
+    @property
+    def epochs(self) -> int:
+        return len(self.tasks) * self.epochs_per_task
+
+    def new_per_batch(self, task: int) -> int:
+        return self.batch_size - self.memory_batch if task > 0 else self.batch_size
+
+    def steps_per_epoch(self, task: int) -> int:
+        return num_batches(len(self.train[task]), self.new_per_batch(task))
+
+    def first_step(self, task: int) -> int:
+        """The 0-based global index of task `task`'s first step."""
+        return sum(self.steps_per_epoch(t) for t in range(task)) * self.epochs_per_task
+
+    def schedule(self, config: RunConfig, task: int) -> Callable[[int], float]:
+        """The learning rate of each 0-based global step of `task`: the schedule restarts with each task."""
+        recipe, first = config.training, self.first_step(task)
+        task_steps = self.steps_per_epoch(task) * self.epochs_per_task
+
+        def lr_at(step: int) -> float:
+            return learning_rate(step - first, base_lr=recipe.lr, total_steps=task_steps,
+                                 warmup_steps=round(recipe.warmup_fraction * task_steps), schedule=recipe.schedule,
+                                 steps_per_epoch=self.steps_per_epoch(task), restart_epochs=recipe.restart_epochs)
+
+        return lr_at
+
+
+def replay_batches(
+    dataset: Dataset, stream: TaskStream, task: int, memory: ContinualState, data_order: torch.Generator, skip: int,
+) -> Iterator[Batch]:
+    """Task `task`'s new samples from batch `skip` on, each batch completed from the replay buffer.
+    Memory samples are drawn as a batch is taken, so skipped batches draw none."""
+    new = iterate_batches(dataset, stream.train[task], stream.new_per_batch(task), shuffle=True, generator=data_order)
+    for inputs, labels in itertools.islice(new, skip, None):
+        if stream.memory_batch and len(memory.buffer):
+            drawn = memory.buffer.sample(stream.memory_batch, memory.replay_order)
+            inputs = {k: torch.cat([v, dataset.inputs[k].index_select(0, drawn)]) for k, v in inputs.items()}
+            labels = torch.cat([labels, dataset.labels.index_select(0, drawn)])
+        yield inputs, labels, labels.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
 
 
 def train_continual(
@@ -218,146 +323,99 @@ def train_continual(
     recipe = config.training
     device = torch.device(config.device)
     dataset = dataset or load_run_data(config, check_nonfinite=False)[0]  # checked when the run was made
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir)
-
-    tasks = class_incremental_tasks(dataset.num_classes, recipe.classes_per_task, recipe.tasks, recipe.seed)
-    train_idx, test_idx = train_indices(config, dataset), dataset.indices("test")
-    in_task = lambda idx, classes: idx[torch.isin(dataset.labels[idx], torch.tensor(classes))]  # noqa: E731
-    task_train = [in_task(train_idx, classes) for classes in tasks]
-    task_test = [in_task(test_idx, classes) for classes in tasks]
-    batch_size, per_task = int(recipe.batch_size), recipe.epochs_per_task
-    memory_batch = round(recipe.replay_ratio * batch_size) if recipe.buffer_size else 0
-    memory_batch = min(memory_batch, batch_size - 1)  # at least one new sample per batch
-
-    def new_per_batch(task: int) -> int:
-        return batch_size - memory_batch if task > 0 else batch_size
-
-    steps_per_epoch = [num_batches(len(task_train[t]), new_per_batch(t)) for t in range(len(tasks))]
-    task_first_step = [sum(steps_per_epoch[:t]) * per_task for t in range(len(tasks))]
+    prepare_run_dir(run_dir, config)
+    stream = TaskStream.build(config, dataset)
 
     seed_everything(recipe.seed)
+    model = build_image_text_model(config, device, reporter)
+    optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
+    scaler = build_grad_scaler(config.precision, device.type)
+    memory = ContinualState.fresh(recipe.buffer_size, recipe.seed, len(dataset))
+    prompts = PromptEmbeddings(prompt_tokens(dataset.classes, model.config.context_length).to(device), recipe.text_cache)
+    engine = Engine(run_dir, config, Trainables(model, optimizer, scaler), device, reporter, stop, recipe=memory,
+                    forward_loss=continual_forward_loss(prompts, recipe.contrastive_weight, recipe.label_smoothing))
+    restored = engine.start(resume)
+
+    last_epoch = stream.epochs if stop_after_epochs is None else min(stream.epochs, stop_after_epochs)
+    reporter.start(engine.config, _resumed_from(restored, stream) if restored else None)
+    model.train()
+    path = None
+    for epoch in range(engine.state.epoch, last_epoch):
+        task, epoch_in_task = divmod(epoch, stream.epochs_per_task)
+        plan = EpochPlan(
+            epoch, stream.epochs, stream.steps_per_epoch(task),
+            lambda skip, task=task: replay_batches(dataset, stream, task, memory, engine.state.data_order, skip),
+            stream.schedule(config, task), f"task {task + 1}, epoch {epoch_in_task + 1}",
+        )
+        totals = engine.train_epoch(plan)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1, "task": task + 1, "step": engine.state.global_step, "train_loss": totals.train_loss,
+            "lr": totals.lr, "grad_accum": totals.grad_accum, "epoch_time": totals.seconds,
+            "replay_samples": len(memory.buffer), "samples_per_s": totals.samples / max(totals.seconds, 1e-9),
+        }
+        if epoch_in_task == stream.epochs_per_task - 1:  # end of the task: a row of R, then the task enters memory
+            record["accuracies"] = end_task(model, dataset, stream, task, memory, config, device)
+        path = engine.end_epoch(record, last=epoch + 1 == last_epoch)
+
+    finished = last_epoch >= stream.epochs
+    test = None
+    if finished and path is not None:
+        test = final_test(run_dir, config, model, dataset, stream, memory, prompts, path, engine.state.global_step)
+    reporter.end(test)
+    return TrainOutcome(run_dir, last_epoch, finished, test)
+
+
+def build_image_text_model(config: RunConfig, device: torch.device, reporter: Reporter) -> MultimodalModel:
+    """The run's model, which must have a text tower; frozen there with `freeze_text_encoder`."""
     model = build_training_model(config, device, reporter)
     if not hasattr(model, "encode_text"):
         raise MmkitError(f"continual training needs an image-text model (clip, fusion); {config.model!r} is not one")
-    if recipe.freeze_text_encoder:
+    if config.training.freeze_text_encoder:
         for p in itertools.chain(model.text_encoder.parameters(), model.projection.text.parameters()):
             p.requires_grad_(False)
-    optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
-    scaler = build_grad_scaler(config.precision, device.type)
-    data_order = torch.Generator().manual_seed(recipe.seed)
-    replay_order = torch.Generator().manual_seed(recipe.seed + 1)
-    buffer = ReplayBuffer(recipe.buffer_size)
-    prompts = PromptEmbeddings(prompt_tokens(dataset.classes, model.config.context_length).to(device), recipe.text_cache)
-    runner = StepRunner(run_dir, config, model, optimizer, scaler, device, reporter,
-                        continual_forward_loss(prompts, recipe.contrastive_weight, recipe.label_smoothing))
-    start_epoch, global_step, matrix = 0, 0, []
-    history: list[dict[str, Any]] = []
+    return model
 
-    resumed_from, resume_batches, resume_partial = None, 0, (torch.zeros(()), 0)
-    if resume:
-        checkpoint_dir, trainer, tensors = restore_training_state(
-            run_dir, config, model, optimizer, scaler, data_order, reporter
-        )
-        try:
-            buffer = ReplayBuffer.from_tensors(recipe.buffer_size, tensors, len(dataset))
-            replay_order.set_state(tensors[REPLAY_ORDER_KEY])
-            matrix = [[float(a) for a in row] for row in (trainer.model_extra or {})["matrix"]]
-        except (KeyError, ValueError, TypeError, RuntimeError) as error:
-            raise CheckpointError(f"{checkpoint_dir}: continual state unusable ({error})") from None
-        start_epoch, global_step, resume_batches = trainer.epoch, trainer.global_step, trainer.batches_in_epoch
-        if resume_batches:
-            data_order.set_state(tensors[EPOCH_ORDER_KEY])
-            resume_partial = (tensors["progress.epoch_loss_sum"].reshape(()), trainer.epoch_samples_seen)
-        history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
-        _write_history(run_dir, history)
-        resumed_from = f"{checkpoint_dir.name} (task {start_epoch // per_task + 1}, epoch {start_epoch + 1})"
-    elif (run_dir / HISTORY_FILE).exists():
-        (run_dir / HISTORY_FILE).unlink()
 
-    def save(state: dict[str, Any], extra: dict[str, Tensor]) -> Path:
-        tensors = {**buffer.to_tensors(), REPLAY_ORDER_KEY: replay_order.get_state(), **extra}
-        path = _save_training_checkpoint(
-            run_dir, runner.config, model, optimizer, scaler, data_order, global_step,
-            {"best_uar": -1.0, "best_epoch": None, "matrix": matrix, **state}, tensors, protect_best=False,
-        )
-        stop.last_checkpoint = path.name
-        return path
+def end_task(
+    model: MultimodalModel, dataset: Dataset, stream: TaskStream, task: int, memory: ContinualState,
+    config: RunConfig, device: torch.device,
+) -> list[float]:
+    """At a task's end: its row of R (test accuracy on every task's classes), then its classes
+    enter the replay buffer. Returns the row."""
+    row = [evaluate(model, dataset, idx, batch_size=config.training.eval_batch_size, precision=config.precision,
+                    device=device).accuracy for idx in stream.test]
+    memory.matrix.append(row)
+    learned = stream.train[task]
+    memory.buffer.add_classes({c: learned[dataset.labels[learned] == c] for c in stream.tasks[task]},
+                              memory.replay_order)
+    return row
 
-    total_epochs = len(tasks) * per_task
-    last_epoch = total_epochs if stop_after_epochs is None else min(total_epochs, stop_after_epochs)
-    reporter.start(runner.config, resumed_from)
-    model.train()
-    path = None
-    for epoch in range(start_epoch, last_epoch):
-        task, epoch_in_task = divmod(epoch, per_task)
-        task_steps = steps_per_epoch[task] * per_task
-        reporter.epoch_start(epoch + 1, total_epochs, steps_per_epoch[task])
-        epoch_order = data_order.get_state()
-        epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
-        batches = iterate_batches(dataset, task_train[task], new_per_batch(task), shuffle=True, generator=data_order)
-        if resume_batches:
-            batches = itertools.islice(batches, resume_batches, None)
-            loss_sum, seen = resume_partial[0].clone(), resume_partial[1]
-        batches_done, resume_batches = resume_batches, 0
-        lr = recipe.lr
-        for inputs, labels in batches:
-            lr = learning_rate(
-                global_step - task_first_step[task], base_lr=recipe.lr, total_steps=task_steps,
-                warmup_steps=round(recipe.warmup_fraction * task_steps), schedule=recipe.schedule,
-                steps_per_epoch=steps_per_epoch[task], restart_epochs=recipe.restart_epochs,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if memory_batch and len(buffer):  # replay: the rest of the batch from memory
-                memory = buffer.sample(memory_batch, replay_order)
-                inputs = {k: torch.cat([v, dataset.inputs[k].index_select(0, memory)]) for k, v in inputs.items()}
-                labels = torch.cat([labels, dataset.labels.index_select(0, memory)])
-            stop.step_begins(global_step + 1)
-            step_loss = runner.step(inputs, labels, global_step + 1, f"task {task + 1}, epoch {epoch_in_task + 1}")
-            stop.step_ends(time.monotonic() - stop.step_started)
-            global_step, batches_done = global_step + 1, batches_done + 1
-            seen += labels.shape[0]
-            loss_sum += step_loss * labels.shape[0]
-            reporter.step(step_loss.item(), lr, seen / max(time.perf_counter() - epoch_start, 1e-9))
-            if stop.signal is not None:
-                path = save({"epoch": epoch, "batches_in_epoch": batches_done, "epoch_samples_seen": seen},
-                            {EPOCH_ORDER_KEY: epoch_order, "progress.epoch_loss_sum": loss_sum.clone()})
-                raise TrainingInterrupted(stop.signal, path, epoch + 1, global_step)
 
-        record: dict[str, Any] = {
-            "epoch": epoch + 1, "task": task + 1, "step": global_step,
-            "train_loss": (loss_sum / max(seen, 1)).item(), "lr": lr, "grad_accum": runner.micro_batches,
-            "epoch_time": time.perf_counter() - epoch_start, "replay_samples": len(buffer),
-        }
-        record["samples_per_s"] = seen / max(record["epoch_time"], 1e-9)
-        if epoch_in_task == per_task - 1:  # end of the task: a row of R, then the task enters memory
-            row = [evaluate(model, dataset, idx, batch_size=recipe.eval_batch_size, precision=config.precision,
-                            device=device).accuracy for idx in task_test]
-            matrix.append(row)
-            record["accuracies"] = row
-            buffer.add_classes({c: task_train[task][dataset.labels[task_train[task]] == c] for c in tasks[task]},
-                               replay_order)
-        history.append(record)
-        _write_history(run_dir, history)
-        path = save({"epoch": epoch + 1}, {})
-        reporter.epoch_end(record)
+def final_test(
+    run_dir: Path, config: RunConfig, model: MultimodalModel, dataset: Dataset, stream: TaskStream,
+    memory: ContinualState, prompts: PromptEmbeddings, last: Path, step: int,
+) -> ClassificationMetrics:
+    """The last checkpoint is the result (no selection): `best` points to it; test it on every
+    class and write metrics.json with the accuracy matrix and its figures."""
+    with stop_on_write_failure(run_dir, str(checkpoints_dir(run_dir) / "best.json")):
+        write_pointer(run_dir, "best", last, {"epoch": stream.epochs, "step": step})
+    test = evaluate(model, dataset, dataset.indices("test"), batch_size=config.training.eval_batch_size,
+                    precision=config.precision, device=torch.device(config.device))
+    figures = continual_metrics(memory.matrix)
+    with stop_on_write_failure(run_dir, str(run_dir / METRICS_FILE)):
+        write_metrics(run_dir, test.as_dict("test") | {
+            "checkpoint": last.name, "epoch": stream.epochs, "tasks": stream.tasks, "continual": figures.as_dict(),
+            "prompts_encoded": prompts.encoded,
+        })
+    return test
 
-    finished = last_epoch >= total_epochs
-    test = None
-    if finished and path is not None:
-        with stop_on_write_failure(run_dir, str(checkpoints_dir(run_dir) / "best.json")):
-            write_pointer(run_dir, "best", path, {"epoch": total_epochs, "step": global_step})  # no selection: the last
-        test = evaluate(model, dataset, test_idx, batch_size=recipe.eval_batch_size, precision=config.precision,
-                        device=device)
-        figures = continual_metrics(matrix)
-        with stop_on_write_failure(run_dir, str(run_dir / METRICS_FILE)):
-            write_metrics(run_dir, test.as_dict("test") | {
-                "checkpoint": path.name, "epoch": total_epochs, "tasks": tasks, "continual": figures.as_dict(),
-                "prompts_encoded": prompts.encoded,
-            })
-    reporter.end(test)
-    return TrainOutcome(run_dir, last_epoch, finished, test)
+
+def _resumed_from(restored: Restored, stream: TaskStream) -> str:
+    """`step-00000024 (task 3, epoch 5)`, with `, after step 3 of 8` inside an epoch."""
+    state = restored.state
+    task = state.epoch // stream.epochs_per_task
+    inside = f", after step {state.batches_in_epoch} of {stream.steps_per_epoch(task)}" if state.mid_epoch else ""
+    return f"{restored.checkpoint.name} (task {task + 1}, epoch {state.epoch + 1}{inside})"
 
 
 def read_continual_metrics(run_dir: Path) -> ContinualMetrics | None:

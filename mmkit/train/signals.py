@@ -27,6 +27,18 @@ from pathlib import Path
 SIGINT_EXIT = 128 + signal.SIGINT  # 130, as shells report a process stopped by Ctrl-C
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived: the step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} in epoch {epoch} after step {step}")
+        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
 class StopRequest:
     """The flag the loop checks after each step, and what the watcher needs to say where it is."""
 
