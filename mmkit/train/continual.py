@@ -226,6 +226,7 @@ class ContinualState:
 
     @classmethod
     def fresh(cls, capacity: int, seed: int, dataset_size: int) -> ContinualState:
+        """An empty buffer; memory is drawn from a generator seeded `seed + 1` (the data order has `seed`)."""
         return cls(ReplayBuffer(capacity), torch.Generator().manual_seed(seed + 1), dataset_size)
 
     def checkpoint_fields(self) -> dict[str, Any]:

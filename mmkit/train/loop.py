@@ -108,7 +108,8 @@ def train_plain(
 
     model.train()
     for epoch in range(engine.state.epoch, last_epoch):
-        totals = engine.train_epoch(EpochPlan(epoch, recipe.epochs, steps_per_epoch, batches, lr_at, f"epoch {epoch + 1}"))
+        plan = EpochPlan(epoch, recipe.epochs, steps_per_epoch, batches, lr_at, f"epoch {epoch + 1}")
+        totals = engine.train_epoch(plan)
         # ---- end of epoch: validate, log, checkpoint
         val, val_loss = evaluate_with_loss(model, dataset, val_idx, batch_size=recipe.eval_batch_size,
                                            precision=config.precision, device=device, world=world)
