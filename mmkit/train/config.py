@@ -11,11 +11,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mmkit import __version__
+from mmkit.atomic import write_json_atomic
 from mmkit.data.datasets import relocated_data_spec
 from mmkit.errors import MmkitError
 from mmkit.models.registry import ModelConfig, ModelEntry, get_model_entry
 from mmkit.settings import TrainingRecipe
-from mmkit.train.rundir import RUN_FILE, write_json_atomic
+from mmkit.train.rundir import RUN_FILE
 
 
 
