@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from mmkit.data.datasets import Dataset, iterate_batches, num_batches, stratified_subset
-from mmkit.errors import MmkitError, RunStopped
+from mmkit.errors import MmkitError, RunStopped, validation_message
 from mmkit.models.registry import MultimodalModel, build_model, logits_of
 from mmkit.train.checkpoint import (
     CheckpointError,
@@ -124,9 +124,7 @@ def _trainer_state(document: dict[str, Any], checkpoint_dir: Path) -> TrainerSta
     try:
         return TrainerState.model_validate(document)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CheckpointError(f"{checkpoint_dir / 'trainer_state.json'}: field {where!r}: {first['msg']}") from None
+        raise CheckpointError(validation_message(checkpoint_dir / "trainer_state.json", exc)) from None
 
 
 @dataclass(frozen=True)
