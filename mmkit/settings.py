@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mmkit.errors import MmkitError, unknown_choice
+from mmkit.errors import MmkitError, first_error, unknown_choice, validation_message
 
 Precision = Literal["fp32", "fp16", "bf16"]
 MIB = 2**20
@@ -206,24 +206,6 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise MmkitError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def validation_message(path: Path | str, exc: ValidationError) -> str:
-    """One line naming the file and the first bad field."""
-    first = exc.errors()[0]
-    field = _field(first) or "(file)"
-    return f"{path}: field {field!r}: {first['msg']}{_more(exc)}"
-
-
-def _field(error: Any) -> str:
-    # union members show up in `loc` as e.g. "constrained-int": keep the field path only
-    return ".".join(str(p) for p in error["loc"] if not str(p).startswith(("constrained-", "literal[")))
-
-
-def _more(exc: ValidationError) -> str:
-    """` (and N more)` for the other bad fields (a union's alternatives are one field)."""
-    others = {_field(e) for e in exc.errors()} - {_field(exc.errors()[0])}
-    return f" (and {len(others)} more)" if others else ""
-
-
 def _load(kind: str, name: str, schema: type[BaseModel]) -> Any:
     presets = available_presets(kind)
     if name not in presets:
@@ -304,12 +286,11 @@ def resolve_training(preset_name: str, flags: Mapping[str, Any] | None = None,
     try:
         resolved = _Resolved(**{**(set_options or {}), **given})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = _field(first)
+        field, message = first_error(exc)
         if field in given or field in (set_options or {}) or f"MMKIT_{field.upper()}" in map(str.upper, os.environ):
             value = given.get(field, (set_options or {}).get(field))
             source = setting_source(preset_name, field, value, given, set_options)
-            raise MmkitError(f"{source}: {first['msg']}{_more(exc)}") from None
+            raise MmkitError(f"{source}: {message}") from None
         raise MmkitError(validation_message(f"training settings (preset {preset_name!r})", exc)) from None
     return TrainingSettings.model_construct(**resolved.model_dump())
 

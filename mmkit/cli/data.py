@@ -61,10 +61,10 @@ def prepare_cli(
     split_seed: Annotated[int | None, typer.Option("--split-seed", help="CIFAR-10/Fashion-MNIST: seed of that validation draw (default 0).")] = None,
 ) -> None:
     """Decode a real dataset once into a tensor file (with split, group and classes) for --data."""
+    from mmkit.atomic import atomic_path
     from mmkit.data.formats import PrepareOptions, prepare_source
     from mmkit.data.formats.emotion import parse_actors
     from mmkit.data.tensorfile import save_tensor_file
-    from mmkit.train.rundir import atomic_path
 
     if out.exists() and not force:
         raise MmkitError(f"{out} exists; pass --force to overwrite it")

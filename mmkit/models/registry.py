@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from mmkit.errors import MmkitError, unknown_choice
+from mmkit.errors import MmkitError, first_error, unknown_choice
 from mmkit.models.catalog import parse_override_value  # noqa: F401  (part of the registry's API)
 
 
@@ -227,9 +227,9 @@ def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelC
     try:
         return type(config).model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise MmkitError(f"invalid model setting {where!r}: {first['msg']}") from None
+        field, message = first_error(exc)
+        raise MmkitError(f"invalid model setting {field!r}: {message}" if field
+                         else f"invalid model settings: {message}") from None
 
 
 def resolve_config(

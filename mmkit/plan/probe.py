@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmkit.atomic import write_json_atomic
 from mmkit.models.registry import ModelConfig, ModelEntry, build_model
 
 PROBED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -314,9 +315,7 @@ class _Cache:
             return
         try:  # a cache, not a record: a failed write costs a re-measurement, nothing else
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(self.document, indent=1, sort_keys=True))
-            tmp.replace(self.path)
+            write_json_atomic(self.path, self.document, indent=1, sort_keys=True)
         except OSError:
             pass
 

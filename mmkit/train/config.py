@@ -11,11 +11,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mmkit import __version__
+from mmkit.atomic import write_json_atomic
 from mmkit.data.datasets import relocated_data_spec
-from mmkit.errors import MmkitError
+from mmkit.errors import MmkitError, validation_message
 from mmkit.models.registry import ModelConfig, ModelEntry, get_model_entry
 from mmkit.settings import TrainingRecipe
-from mmkit.train.rundir import RUN_FILE, write_json_atomic
+from mmkit.train.rundir import RUN_FILE
 
 
 
@@ -61,9 +62,7 @@ class RunConfig(BaseModel):
         except json.JSONDecodeError as exc:
             raise MmkitError(f"{path}: invalid JSON: {exc}") from None
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise MmkitError(f"{path}: field {where!r}: {first['msg']}") from None
+            raise MmkitError(validation_message(path, exc)) from None
         return config.with_data_found(run_dir)
 
     def with_data_found(self, run_dir: Path) -> RunConfig:

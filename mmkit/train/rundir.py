@@ -6,11 +6,11 @@ run's history and metrics.
     RUN/metrics.json      the final test metrics
     RUN/checkpoints/      step directories and the best.json / last.json pointers (checkpoint.py)
 
-Every file is written by `atomic_path` / `write_atomic`: a temp file in the same directory, fsynced,
-renamed over the old one with `os.replace`, then the directory fsynced. A crash or a full disk leaves
-the old file or the new one, never half of one; on any failure the temp file is removed and the
-error is raised. Temp names carry the writer's pid (`.NAME.tmp-PID-RANDOM`), so that leftovers of
-dead processes can be told apart from a live writer's and removed (`remove_stale_temp`).
+Every file is written through the atomic writer of `mmkit.atomic` (`atomic_path`, `write_atomic`,
+`write_json_atomic`, re-exported here with its fsync helpers): a crash or a full disk leaves the old
+file or the new one, never half of one. Its temp names carry the writer's pid, as do the checkpoint
+directories' temp names, so that leftovers of dead processes can be told apart from a live writer's
+and removed (`remove_stale_temp`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from mmkit.atomic import (  # noqa: F401  (the run directory's writer, used through this module too)
+    TEMP_FILE_PATTERN,
+    atomic_path,
+    fsync_dir,
+    fsync_file,
+    write_atomic,
+    write_json_atomic,
+)
 
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.jsonl"
@@ -31,61 +37,11 @@ METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 
 # `.tmp-step-N-PID-RANDOM` / `.old-step-N-PID-RANDOM` (checkpoint dirs) and `.NAME.tmp-PID-RANDOM` (files)
-_TEMP_PID = re.compile(r"\.(?:tmp|old)-step-\d+-(\d+)-[0-9a-f]+|\..+\.tmp-(\d+)-[0-9a-f]+")
+_TEMP_PID = re.compile(rf"\.(?:tmp|old)-step-\d+-(\d+)-[0-9a-f]+|{TEMP_FILE_PATTERN}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Durable, atomic writes
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (POSIX; a no-op where directories can't be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    """`.NAME.tmp-PID-RANDOM` next to `path`: never listed as a run file, removable once PID is gone."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path to write `path`'s new content to (by any writer, e.g. safetensors'
-    `save_file`); on leaving, fsync it, rename it over `path` and fsync the directory. Any failure,
-    inside the block or after it, removes the temp file and is raised."""
-    path = Path(path)
-    temp = temp_path(path)
-    try:
-        yield temp
-        fsync_file(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Replace `path` by `data` (str is written as UTF-8), atomically and durably."""
-    with atomic_path(path) as temp:
-        temp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """`write_atomic` of a JSON document (indented, one trailing newline)."""
-    write_atomic(path, json.dumps(document, indent=2) + "\n")
+# Leftovers of interrupted writes
 
 
 def remove_stale_temp(directory: Path) -> list[Path]:

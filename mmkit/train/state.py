@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
 from torch import Tensor
 
-from mmkit.errors import MmkitError, RunStopped
+from mmkit.errors import MmkitError, RunStopped, validation_message
 from mmkit.train.checkpoint import (
     CheckpointError,
     checkpoints_dir,
@@ -76,9 +76,7 @@ def read_trainer_state(document: dict[str, Any], checkpoint_dir: Path) -> Traine
     try:
         return TrainerState.model_validate(document)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CheckpointError(f"{checkpoint_dir / 'trainer_state.json'}: field {where!r}: {first['msg']}") from None
+        raise CheckpointError(validation_message(checkpoint_dir / "trainer_state.json", exc)) from None
 
 
 class RecipeState(Protocol):
