@@ -137,3 +137,9 @@ def write_history(run_dir: Path, records: list[dict[str, Any]]) -> None:
 
 def write_metrics(run_dir: Path, document: dict[str, Any]) -> None:
     write_json_atomic(Path(run_dir) / METRICS_FILE, document)
+
+
+def remove_stale_run_temp(run_dir: Path) -> list[Path]:
+    """`remove_stale_temp` of the run directory and of its checkpoints directory: what a killed or
+    crashed writer left behind is gone before a new process writes the run."""
+    return remove_stale_temp(Path(run_dir)) + remove_stale_temp(Path(run_dir) / CHECKPOINTS_DIR)
