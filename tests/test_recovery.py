@@ -51,3 +51,16 @@ def test_resume_before_the_first_checkpoint_starts_from_step_0_and_removes_stale
     assert not any(p.exists() for p in stale)
     assert [r["epoch"] for r in history(run)] == [1, 2]
     assert_bitwise_equal(last_model(tiny), last_model(run))  # the same run as an uninterrupted one
+
+
+def test_resume_drops_damaged_history_lines_with_one_warning(tiny: Path, tmp_path: Path) -> None:
+    run = copy_of(tiny, tmp_path)
+    first, second = (run / "history.jsonl").read_bytes().splitlines()
+    (run / "history.jsonl").write_bytes(first + b"\n\x00\xff garbage\n" + second[: len(second) // 2])
+    result = runner.invoke(app, ["resume", str(run), "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "history.jsonl" in line]
+    assert warnings == [f"mmkit: warning: {run / 'history.jsonl'}: dropped lines 2, 3, not an epoch record "
+                        "(damaged or cut off); kept 1"]
+    assert [r["epoch"] for r in history(run)] == [1, 3]  # epoch 2's line is lost; the run went on
+
