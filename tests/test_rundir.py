@@ -51,3 +51,16 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
     live.write_text("x")
     assert sorted(rundir.remove_stale_temp(tmp_path)) == sorted(stale)
     assert [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
+def test_history_lines_that_are_not_records_are_dropped_with_one_warning(tmp_path: Path) -> None:
+    good = [{"epoch": 1, "step": 8, "train_loss": 2.1}, {"epoch": 2, "step": 16, "train_loss": 1.3}]
+    lines = [rundir.json.dumps(good[0]).encode(), b"\xff\xfe\x00binary", b'{"note": "no fields"}', b"[1, 2]",
+             rundir.json.dumps(good[1]).encode(), b'{"epoch": 3, "step": 24, "train_lo']  # cut off by a crash
+    (tmp_path / "history.jsonl").write_bytes(b"\n".join(lines))
+    warnings: list[str] = []
+    assert rundir.read_history(tmp_path, warnings.append) == good
+    assert warnings == [f"{tmp_path / 'history.jsonl'}: dropped lines 2, 3, 4, 6, not an epoch record "
+                        "(damaged or cut off); kept 2"]
+    assert rundir.read_history(tmp_path / "none", warnings.append) == [] and len(warnings) == 1
+

@@ -94,6 +94,7 @@ def train_cli(
         world.barrier()  # every rank has looked before rank 0 writes run.json
         resolved = resolve_run(dataclasses.replace(options, nproc=world.size))
         reporter = _reporter(world)
+        _prepare_run_dir(run_dir, world)
         with _interruptions(run_dir, reporter, world):
             outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
                                 reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
@@ -105,6 +106,16 @@ def _refuse_existing(run_dir: Path) -> None:
     check_out_dir(run_dir)
     if (run_dir / "run.json").exists():
         raise MmkitError(f"{run_dir} already holds a run; continue it with `mmkit resume {run_dir}` or pick another --out")
+
+
+def _prepare_run_dir(run_dir: Path, world: World) -> None:
+    """Before this process writes the run (rank 0): remove what dead writers left behind (their
+    `.tmp-*` / `.old-*` files and checkpoint directories); the other ranks wait for it."""
+    from mmkit.train.rundir import remove_stale_run_temp
+
+    if world.is_main:
+        remove_stale_run_temp(run_dir)
+    world.barrier()
 
 
 def _reporter(world: World) -> Any:
@@ -125,13 +136,12 @@ def resume_cli(
 ) -> None:
     """Continue a run exactly where its last checkpoint left it (model, optimizer, scaler, RNG, data order),
     with the same or another number of processes."""
-    from mmkit.train.checkpoint import resolve_checkpoint
+    from mmkit.train.checkpoint import list_checkpoints
     from mmkit.train.config import RunConfig
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
 
     config = RunConfig.load(run)
-    resolve_checkpoint(run, "last")  # a clear error when there is nothing to resume from
     if epochs is not None:
         if epochs < config.training.epochs:
             raise MmkitError(f"--epochs {epochs} is below the run's {config.training.epochs} epochs")
@@ -145,9 +155,14 @@ def resume_cli(
 
     with process_group(config.device) as world:
         reporter = _reporter(world)
+        _prepare_run_dir(run, world)
+        from_checkpoint = bool(list_checkpoints(run))
+        if not from_checkpoint and world.is_main:
+            reporter.message(f"no complete checkpoint in {run} yet: starting the run from step 0 as "
+                             f"{run / 'run.json'} describes it")
         with _interruptions(run, reporter, world):
-            outcome = train_run(run, config, resume=True, stop_after_epochs=stop_after_epochs, reporter=reporter,
-                                world=world, forecast=True)
+            outcome = train_run(run, config, resume=from_checkpoint, stop_after_epochs=stop_after_epochs,
+                                reporter=reporter, world=world, forecast=True)
         if world.is_main:
             _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 

@@ -19,6 +19,9 @@ import json
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +82,46 @@ def process_alive(pid: int) -> bool:
 # History and metrics
 
 
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The epoch records of history.jsonl, oldest first ([] when there is none)."""
+def read_history(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The epoch records of history.jsonl, oldest first ([] when there is none).
+
+    A line that is not an epoch record (cut off by a crash, overwritten with other bytes, JSON
+    without the epoch, step and train_loss) is dropped, and one warning names the dropped lines:
+    the history is a log, the checkpoints hold the state, so a damaged line never stops a run."""
     path = Path(run_dir) / HISTORY_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, dropped = [], []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        record = _history_record(line)
+        if record is None:
+            dropped.append(number)
+        else:
+            records.append(record)
+    if dropped:
+        lines = ", ".join(str(n) for n in dropped)
+        (warn or _warn)(f"{path}: dropped line{'s' if len(dropped) > 1 else ''} {lines}, not an epoch record "
+                        f"(damaged or cut off); kept {len(records)}")
+    return records
+
+
+def _history_record(line: bytes) -> dict[str, Any] | None:
+    """One history line as its record, or None when it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    counters_ok = all(isinstance(record.get(k), int) and not isinstance(record.get(k), bool) for k in ("epoch", "step"))
+    loss = record.get("train_loss")
+    return record if counters_ok and isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
+
+
+def _warn(text: str) -> None:
+    print(f"mmkit: warning: {text}", file=sys.stderr)
 
 
 def write_history(run_dir: Path, records: list[dict[str, Any]]) -> None:
@@ -93,3 +130,9 @@ def write_history(run_dir: Path, records: list[dict[str, Any]]) -> None:
 
 def write_metrics(run_dir: Path, document: dict[str, Any]) -> None:
     write_json_atomic(Path(run_dir) / METRICS_FILE, document)
+
+
+def remove_stale_run_temp(run_dir: Path) -> list[Path]:
+    """`remove_stale_temp` of the run directory and of its checkpoints directory: what a killed or
+    crashed writer left behind is gone before a new process writes the run."""
+    return remove_stale_temp(Path(run_dir)) + remove_stale_temp(Path(run_dir) / CHECKPOINTS_DIR)
