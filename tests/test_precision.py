@@ -112,6 +112,7 @@ def test_the_probe_is_measured_once_then_cached(monkeypatch: pytest.MonkeyPatch,
 
     again = probe_cpu(entry, config, timer=never)
     assert again.cached and again.speedup == first.speedup
-    monkeypatch.setattr(probe_module, "cpu_capability", lambda: "AVX2")  # another kernel level: measured anew
+    other = "AMX" if probe_module.cpu_capability() == "AVX2" else "AVX2"
+    monkeypatch.setattr(probe_module, "cpu_capability", lambda: other)  # another kernel level: measured anew
     calls: list[str] = []
     assert not probe_cpu(entry, config, timer=scripted_timer(2.0, calls)).cached and calls

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmkit.data.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
 from mmkit.errors import MmkitError
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
+from mmkit.models.base import InputSpec, ModelConfig, MultimodalModel, register_model
 
 HEAD_WIDTH = 32  # per-head width of the named sizes (128 / 4 heads); at_width keeps it
 CLIP_INIT_TEMPERATURE = 0.07  # CLIP initializes logit_scale to log(1 / 0.07)

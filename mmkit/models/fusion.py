@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import PositiveInt
 from torch import nn
 
+from mmkit.models.base import InputSpec, MultimodalModel, register_model
 from mmkit.models.clip import (
     IMAGE_TEXT_LADDER,
     ImageTextConfig,
@@ -39,7 +40,6 @@ from mmkit.models.clip import (
     masked_mean,
     run_blocks,
 )
-from mmkit.models.registry import InputSpec, MultimodalModel, register_model
 
 
 class FusionConfig(ImageTextConfig):

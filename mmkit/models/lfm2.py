@@ -61,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from torch import nn
 
 from mmkit.errors import MmkitError
+from mmkit.models.base import InputSpec, ModelConfig, MultimodalModel, register_model
 from mmkit.models.blocks import (
     ConformerLayer,
     ConvSubsampling,
@@ -72,7 +73,6 @@ from mmkit.models.blocks import (
     lfm2_ffn_dim,
     run_block,
 )
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
 
 HEAD_DIM_TARGET = 64  # at_width picks heads so that head_dim is about this
 FULL_DEPTH_MIN_WIDTH = 384  # at_width uses the original depths from this width up

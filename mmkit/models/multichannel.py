@@ -17,7 +17,7 @@ from pydantic import PositiveInt
 from torch import nn
 
 from mmkit.errors import MmkitError
-from mmkit.models.registry import InputSpec, ModelConfig, MultimodalModel, register_model
+from mmkit.models.base import InputSpec, ModelConfig, MultimodalModel, register_model
 
 
 class StreamConfig(ModelConfig):

@@ -15,8 +15,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from mmkit.models.base import InputSpec, MultimodalModel, register_model
 from mmkit.models.multichannel import STREAM_LADDER, StreamConfig, stream_mlp
-from mmkit.models.registry import InputSpec, MultimodalModel, register_model
 
 
 class SeparateConfig(StreamConfig):
