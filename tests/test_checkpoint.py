@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tokenize
@@ -18,6 +19,7 @@ import mmkit
 from mmkit.errors import MmkitError
 from mmkit.train.checkpoint import (
     CheckpointError,
+    derived_pointer,
     generator_state_to_tensor,
     grad_scaler_state_from_meta,
     grad_scaler_state_to_meta,
@@ -27,6 +29,7 @@ from mmkit.train.checkpoint import (
     optimizer_state_to_tensors,
     read_pointer,
     read_pointer_record,
+    repair_pointers,
     resolve_checkpoint,
     restore_generator_state,
     restore_rng_state,
@@ -448,3 +451,28 @@ def test_the_unsafe_deserialization_guard_catches_code(tmp_path: Path) -> None:
     tokens = _code_tokens(bad)
     assert "pickle" not in tokens  # docstring and comment are ignored ...
     assert any(tokens[i : i + 3] == ["torch", ".", "load"] for i in range(len(tokens)))  # ... code is not
+
+def test_best_is_derived_from_the_recorded_best_epoch_else_the_stored_val_uar(tmp_path: Path) -> None:
+    def save(step: int, **state) -> Path:
+        return save_checkpoint(tmp_path, step, {"w": torch.zeros(2)}, {}, {"global_step": step, **state}, keep_last=None)
+
+    first = save(10, epoch=1, best_uar=0.5, best_epoch=1, val={"uar": 0.5})
+    save(20, epoch=2, best_uar=0.5, best_epoch=1, val={"uar": 0.3})
+    save(25, epoch=2, batches_in_epoch=5, best_uar=0.5, best_epoch=1)  # mid-epoch: never a best
+    assert derived_pointer(tmp_path, "best") == (first, {"epoch": 1, "step": 10, "val_uar": 0.5})
+    assert derived_pointer(tmp_path, "last")[0].name == "step-00000025"
+    assert repair_pointers(tmp_path) == (
+        "warning: rebuilt best.json (missing) → step-00000010 and last.json (missing) → step-00000025 in "
+        f"{tmp_path / 'checkpoints'} from the trainer state of the step directories")
+    assert read_pointer(tmp_path, "best") == first and repair_pointers(tmp_path) is None  # sound now
+    shutil.rmtree(first)  # the recorded best is gone: the highest stored val UAR is next
+    assert derived_pointer(tmp_path, "best")[0].name == "step-00000020"
+    assert repair_pointers(tmp_path).startswith("warning: rebuilt best.json (pointing to step-00000010, which is missing")
+
+
+def test_nothing_is_derived_before_the_first_epoch_ends(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 5, {"w": torch.zeros(2)}, {}, {"epoch": 0, "batches_in_epoch": 5, "best_epoch": None})
+    assert derived_pointer(tmp_path, "best") is None and repair_pointers(tmp_path) == (
+        f"warning: rebuilt last.json (missing) → step-00000005 in {tmp_path / 'checkpoints'} from the trainer "
+        "state of the step directories")
+

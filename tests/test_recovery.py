@@ -4,6 +4,7 @@ state. Every test trains a tiny run (2 epochs of 8 steps) in process and damages
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -63,4 +64,29 @@ def test_resume_drops_damaged_history_lines_with_one_warning(tiny: Path, tmp_pat
     assert warnings == [f"mmkit: warning: {run / 'history.jsonl'}: dropped lines 2, 3, not an epoch record "
                         "(damaged or cut off); kept 1"]
     assert [r["epoch"] for r in history(run)] == [1, 3]  # epoch 2's line is lost; the run went on
+
+def test_broken_pointers_are_rebuilt_from_the_step_directories_and_resume_goes_on(tiny: Path, tmp_path: Path) -> None:
+    run = copy_of(tiny, tmp_path)
+    checkpoints = run / "checkpoints"
+    (checkpoints / "best.json").unlink()
+    (checkpoints / "last.json").write_text('{"step": 1')  # cut off
+    result = runner.invoke(app, ["resume", str(run), "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    rebuilt = [line for line in result.stderr.splitlines() if "rebuilt" in line]
+    assert rebuilt == [f"warning: rebuilt best.json (missing) → step-00000016 and last.json (unreadable) → "
+                       f"step-00000016 in {checkpoints} from the trainer state of the step directories"]
+    assert "from step-00000016" in result.stderr  # resumed where the run was, not from scratch
+    assert [r["epoch"] for r in history(run)] == [1, 2, 3]
+    assert json.loads((checkpoints / "last.json").read_text())["path"] == "step-00000024"
+
+
+def test_eval_with_a_pointer_to_a_missing_checkpoint_uses_the_recorded_best(tiny: Path, tmp_path: Path) -> None:
+    run = copy_of(tiny, tmp_path)
+    (run / "checkpoints" / "best.json").write_text('{"step": 99, "path": "step-00000099"}')
+    result = runner.invoke(app, ["eval", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checkpoint"] == "step-00000016"
+    assert result.stderr.strip() == (f"mmkit: warning: {run / 'checkpoints' / 'best.json'}: pointing to step-00000099, "
+                                     "which is missing or incomplete; using step-00000016, found from the trainer "
+                                     "state of the step directories")
 

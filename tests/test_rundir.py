@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -63,4 +64,14 @@ def test_history_lines_that_are_not_records_are_dropped_with_one_warning(tmp_pat
     assert warnings == [f"{tmp_path / 'history.jsonl'}: dropped lines 2, 3, 4, 6, not an epoch record "
                         "(damaged or cut off); kept 2"]
     assert rundir.read_history(tmp_path / "none", warnings.append) == [] and len(warnings) == 1
+
+def test_a_failed_metrics_write_stops_the_run_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rundir, "fsync_file", full_disk)
+    with pytest.raises(RunStopped, match="could not write metrics.json .No space left on device."):
+        with stop_on_write_failure(tmp_path, "metrics.json"):
+            rundir.write_metrics(tmp_path, {"test_uar": 0.5})
+    assert list(tmp_path.iterdir()) == []
 

@@ -32,7 +32,13 @@ def eval_cli(
     import torch
 
     from mmkit.models.registry import build_model
-    from mmkit.train.checkpoint import load_checkpoint, load_model_state, resolve_checkpoint
+    from mmkit.train.checkpoint import (
+        POINTER_NAMES,
+        load_checkpoint,
+        load_model_state,
+        resolve_checkpoint,
+        resolve_pointer,
+    )
     from mmkit.train.config import RunConfig
     from mmkit.train.evaluation import evaluate
     from mmkit.train.resolve import resolve_device
@@ -43,7 +49,12 @@ def eval_cli(
     if plot is not None:
         _require_matplotlib()
     config = RunConfig.load(run)
-    path = resolve_checkpoint(run, checkpoint)
+    if checkpoint in POINTER_NAMES:  # a broken pointer is derived again from the step directories
+        path, warning = resolve_pointer(run, checkpoint)
+        if warning is not None:
+            print(f"mmkit: {warning}", file=sys.stderr)
+    else:
+        path = resolve_checkpoint(run, checkpoint)
     model_state, _, trainer = load_checkpoint(path)
     if trainer.get("model") != config.model:
         raise MmkitError(

@@ -118,6 +118,16 @@ def _prepare_run_dir(run_dir: Path, world: World) -> None:
     world.barrier()
 
 
+def _repair_pointers(run_dir: Path, reporter: Any) -> None:
+    """best.json / last.json are derived state: broken ones are rebuilt from the step directories."""
+    from mmkit.train.checkpoint import checkpoints_dir, repair_pointers, stop_on_write_failure
+
+    with stop_on_write_failure(run_dir, f"the pointers in {checkpoints_dir(run_dir)}"):
+        warning = repair_pointers(run_dir)
+    if warning is not None:
+        reporter.message(warning)
+
+
 def _reporter(world: World) -> Any:
     from mmkit.cli.progress import RankReporter, RichReporter
 
@@ -156,6 +166,9 @@ def resume_cli(
     with process_group(config.device) as world:
         reporter = _reporter(world)
         _prepare_run_dir(run, world)
+        if world.is_main:
+            _repair_pointers(run, reporter)
+        world.barrier()
         from_checkpoint = bool(list_checkpoints(run))
         if not from_checkpoint and world.is_main:
             reporter.message(f"no complete checkpoint in {run} yet: starting the run from step 0 as "

@@ -622,3 +622,99 @@ def generator_state_to_tensor(generator: torch.Generator) -> Tensor:
 
 def restore_generator_state(generator: torch.Generator, state: Tensor) -> None:
     generator.set_state(state.to("cpu", torch.uint8).contiguous())
+
+
+# --------------------------------------------------------------------------------------------------
+# Pointers are derived state: rebuilt from the step directories when broken
+
+
+def pointer_problem(run_dir: Path, name: str) -> str | None:
+    """Why `checkpoints/<name>.json` cannot be used (`missing`, `unreadable`, `pointing to step-N,
+    which is missing or incomplete`), or None when it names a complete checkpoint."""
+    if not _pointer_path(run_dir, name).is_file():
+        return "missing"
+    try:
+        record = read_pointer_record(run_dir, name)
+    except CheckpointError:
+        return "unreadable"
+    if not (checkpoints_dir(run_dir) / record["path"] / MANIFEST_FILE).is_file():
+        return f"pointing to {record['path']}, which is missing or incomplete"
+    return None
+
+
+def derived_pointer(run_dir: Path, name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `name` should point to and the pointer's extra fields, from the trainer state
+    of the intact step directories; None when there is none yet (no epoch has ended for `best`).
+
+    `last` is the newest one. `best` is the end-of-epoch checkpoint of the `best_epoch` that the
+    newest trainer state records; when that one is gone, the end-of-epoch checkpoint with the
+    highest validation UAR stored in it (the first of equals, as training picks it)."""
+    states = _trainer_states(run_dir)
+    if not states:
+        return None
+    if name == "last":
+        path, state = states[-1]
+        epoch = state.get("epoch")
+        return path, ({"epoch": epoch} if isinstance(epoch, int) else {}) | {"step": step_of(path)}
+    ends = [(p, s) for p, s in states if not s.get("batches_in_epoch") and _val_uar(s) is not None]
+    best_epoch = states[-1][1].get("best_epoch")
+    recorded = [(p, s) for p, s in ends if best_epoch is not None and s.get("epoch") == best_epoch]
+    if recorded:
+        path, state = recorded[-1]
+    elif ends:
+        path, state = max(ends, key=lambda entry: _val_uar(entry[1]))  # type: ignore[arg-type, return-value]
+    else:
+        return None
+    return path, {"epoch": state.get("epoch"), "step": step_of(path), "val_uar": _val_uar(state)}
+
+
+def repair_pointers(run_dir: Path) -> str | None:
+    """Rewrite best.json / last.json where `pointer_problem` finds them broken and the step
+    directories say what they should be; one warning line naming what was rebuilt, or None."""
+    rebuilt = []
+    for name in POINTER_NAMES:
+        problem = pointer_problem(run_dir, name)
+        derived = derived_pointer(run_dir, name) if problem is not None else None
+        if derived is not None:
+            write_pointer(run_dir, name, derived[0], derived[1])
+            rebuilt.append(f"{name}.json ({problem}) → {derived[0].name}")
+    if not rebuilt:
+        return None
+    return (f"warning: rebuilt {' and '.join(rebuilt)} in {checkpoints_dir(run_dir)} from the trainer state of "
+            f"the step directories")
+
+
+def resolve_pointer(run_dir: Path, name: str) -> tuple[Path, str | None]:
+    """The checkpoint `checkpoints/<name>.json` names or, when the pointer is broken, the one
+    `derived_pointer` finds, with a warning line (the files are left as they are)."""
+    problem = pointer_problem(run_dir, name)
+    derived = derived_pointer(run_dir, name) if problem is not None else None
+    if derived is None:
+        return resolve_checkpoint(run_dir, name), None  # a sound pointer, or its error
+    return derived[0], (f"warning: {_pointer_path(run_dir, name)}: {problem}; using {derived[0].name}, found "
+                        f"from the trainer state of the step directories")
+
+
+def _trainer_states(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(checkpoint, trainer state) of each complete checkpoint whose trainer_state.json matches its
+    manifest, oldest first (the tensor files are verified when a checkpoint is loaded)."""
+    found = []
+    for path in list_checkpoints(run_dir):
+        try:
+            expected = _read_manifest(path)["files"][TRAINER_STATE_FILE]
+            _verify_file(path / TRAINER_STATE_FILE, expected["bytes"], expected["sha256"])
+            state = _read_json(path / TRAINER_STATE_FILE)
+        except CheckpointError:
+            continue
+        if isinstance(state, dict):
+            found.append((path, state))
+    return found
+
+
+def _val_uar(state: Mapping[str, Any]) -> float | None:
+    """The validation UAR an end-of-epoch trainer state stores, or None."""
+    val = state.get("val")
+    uar = val.get("uar") if isinstance(val, dict) else None
+    return float(uar) if isinstance(uar, (int, float)) and not isinstance(uar, bool) else None
+
+
