@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError
 
+from mmkit import atomic
 from mmkit.errors import RunStopped
 from mmkit.train import rundir
 from mmkit.train.checkpoint import stop_on_write_failure
@@ -69,7 +70,7 @@ def test_a_failed_metrics_write_stops_the_run_and_leaves_no_temp(tmp_path: Path,
     def full_disk(path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(rundir, "fsync_file", full_disk)
+    monkeypatch.setattr(atomic, "fsync_file", full_disk)  # the one writer every run file goes through
     with pytest.raises(RunStopped, match="could not write metrics.json .No space left on device."):
         with stop_on_write_failure(tmp_path, "metrics.json"):
             rundir.write_metrics(tmp_path, {"test_uar": 0.5})
