@@ -630,14 +630,20 @@ def restore_generator_state(generator: torch.Generator, state: Tensor) -> None:
 
 def pointer_problem(run_dir: Path, name: str) -> str | None:
     """Why `checkpoints/<name>.json` cannot be used (`missing`, `unreadable`, `pointing to step-N,
-    which is missing or incomplete`), or None when it names a complete checkpoint."""
+    which is missing or incomplete`, `checkpoint step-N is damaged: no manifest.json`), or None
+    when it names a complete checkpoint."""
     if not _pointer_path(run_dir, name).is_file():
         return "missing"
     try:
         record = read_pointer_record(run_dir, name)
     except CheckpointError:
         return "unreadable"
-    if not (checkpoints_dir(run_dir) / record["path"] / MANIFEST_FILE).is_file():
+    target = checkpoints_dir(run_dir) / record["path"]
+    if target.is_dir() and not (target / MANIFEST_FILE).is_file():
+        # step directories are renamed into place only when complete: one without its manifest
+        # was damaged afterwards, not left half-written
+        return f"checkpoint {record['path']} is damaged: no {MANIFEST_FILE}"
+    if not (target / MANIFEST_FILE).is_file():
         return f"pointing to {record['path']}, which is missing or incomplete"
     return None
 
