@@ -38,7 +38,7 @@ with open(report, "w") as f:
 sys.exit(code)
 """
 
-VALID = "valid: " + ", ".join(BUILTIN_MODELS)
+VALID = "valid: " + ", ".join(BUILTIN_MODELS) + " (or a spec: NAME, package.module:factory or path/to/file.py:factory)"
 Ran = tuple[subprocess.CompletedProcess, list[str]]  # the process, and the heavy modules it imported
 
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console, ConsoleDimensions
@@ -54,6 +54,17 @@ def _writes_to_terminal(file: Any) -> bool:
     except (AttributeError, ValueError):  # no isatty, or closed
         return False
 
+
+MODEL_HELP = "Model: a registered name, package.module:factory or path/to/file.py:factory."
+InputOption = Annotated[
+    list[str] | None,
+    typer.Option("--input", help="A plain factory's input: NAME=D1xD2x...[:dtype[:high]] (repeatable), e.g. "
+                 "audio=300x80, text=77:int64:49408."),
+]
+
+AllowChangedModelOption = Annotated[
+    bool, typer.Option("--allow-changed-model", help="Use the run's model file even though it changed since the run was written."),
+]
 
 console = _Console(highlight=False)
 err_console = _Console(stderr=True, highlight=False)

@@ -15,7 +15,8 @@ from mmkit.cli.common import (
     parse_set_options,
     print_json,
 )
-from mmkit.models.catalog import BUILTIN_MODELS, check_model_name
+from mmkit.cli.common import MODEL_HELP, InputOption
+from mmkit.models.catalog import BUILTIN_MODELS, check_model_name, parse_input_options
 
 if TYPE_CHECKING:
     from mmkit.plan.count import ComponentCount, CountReport
@@ -27,7 +28,7 @@ def _complete_model(incomplete: str) -> list[str]:
 
 @one_line_errors
 def count_cli(
-    model: Annotated[str, typer.Argument(help="Registered model name.", autocompletion=_complete_model)],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, autocompletion=_complete_model)],
     size: Annotated[
         str | None, typer.Option("--size", "-s", help="Named size, or wN for the default size at width N.")
     ] = None,
@@ -39,14 +40,16 @@ def count_cli(
         int, typer.Option("--batch-size", "-b", min=1, help="Batch size for the per-batch figures.")
     ] = 1,
     depth: Annotated[int, typer.Option("--depth", "-d", min=1, help="Depth of the parameter tree.")] = 1,
+    input_: InputOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Count parameters per component, MACs and FLOPs, and weight bytes — exactly, on the meta device."""
     overrides = parse_set_options(set_, strip_prefix="model.")
+    inputs = dict(parse_input_options(input_))
     check_model_name(model)  # a mistyped name is reported before torch loads
     from mmkit.plan.count import count_model
 
-    report = count_model(model, size=size, overrides=overrides, batch_size=batch_size, depth=depth)
+    report = count_model(model, size=size, overrides=overrides, batch_size=batch_size, depth=depth, inputs=inputs)
     if json_output:
         print_json(report.as_dict())
     else:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from mmkit.cli.common import console, one_line_errors, print_json
+from mmkit.cli.common import AllowChangedModelOption, console, one_line_errors, print_json
 from mmkit.errors import MmkitError
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ def eval_cli(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write PNG plots (training curves, confusion matrix) here.")] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Evaluate on data holding NaN or Inf (refused otherwise).")] = False,
+    allow_changed_model: AllowChangedModelOption = False,
 ) -> None:
     """Evaluate a run's checkpoint on its test (or validation) split."""
     import torch
@@ -48,7 +49,7 @@ def eval_cli(
         raise MmkitError(f"unknown split {split!r}; valid: test, val")
     if plot is not None:
         _require_matplotlib()
-    config = RunConfig.load(run)
+    config = RunConfig.load(run, allow_changed_model=allow_changed_model)
     if checkpoint in POINTER_NAMES:  # a broken pointer is derived again from the step directories
         path, warning = resolve_pointer(run, checkpoint)
         if warning is not None:

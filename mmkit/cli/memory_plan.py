@@ -18,7 +18,8 @@ from mmkit.cli.common import (
     print_json,
 )
 from mmkit.errors import MmkitError
-from mmkit.models.catalog import check_model_name
+from mmkit.cli.common import MODEL_HELP, InputOption
+from mmkit.models.catalog import check_model_name, parse_input_options
 
 if TYPE_CHECKING:
     from mmkit.plan.fit import Candidate
@@ -30,7 +31,7 @@ BAR_WIDTH = 30
 
 @one_line_errors
 def memory_plan_cli(
-    model: Annotated[str | None, typer.Argument(help="Registered model (default: $MMKIT_MODEL or lfm2).")] = None,
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP + " Default: $MMKIT_MODEL or lfm2.")] = None,
     gpu: Annotated[
         str | None, typer.Option("--gpu", "-g", help="GPU preset, 'auto' (detect CUDA) or 'cpu' (default: as `mmkit "
                                  "train` fits: the preset's target GPU, else the local device).")
@@ -58,6 +59,7 @@ def memory_plan_cli(
         str, typer.Option("--device", help="Where the planned run trains, which sets its precision: auto (as `mmkit "
                           "train` would on this machine), cpu, or cuda (on the --gpu preset's GPU, present here or not).")
     ] = "auto",
+    input_: InputOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Simulate training memory by category on fake tensors and fit size and batch to a GPU:
@@ -80,7 +82,7 @@ def memory_plan_cli(
         model=model, preset=preset, size=size, batch_size=parse_auto_int(batch_size, "--batch-size"),  # type: ignore[arg-type]
         precision=precision, optimizer=optimizer, gradient_checkpointing=grad_checkpointing,  # type: ignore[arg-type]
         data=data, gpu=gpu, device=device, set_items=tuple(parse_set_options(set_).items()), nproc=nproc,
-        margin=margin, prefer=prefer,  # type: ignore[arg-type]
+        margin=margin, prefer=prefer, inputs=parse_input_options(input_),  # type: ignore[arg-type]
     )
     recipe = check_request(options)
     if prefer is not None and not (recipe.size == "auto" and recipe.batch_size == "auto"):
@@ -113,6 +115,9 @@ def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
                      f"--device cuda plans the run on the {resolved.gpu.name} itself")
     if resolved.dataset is not None:
         splits = [len(resolved.dataset.indices(split)) for split in ("train", "val")]
+    elif not resolved.data:  # a plain factory described by --input: no data, so no epoch
+        splits = [resolved.batch_size, 0]
+        notes.append("no --data: the time estimate is for one step (an epoch's length depends on the data)")
     else:
         info = BUILTIN_DATASETS[resolved.data]
         splits = [info.train, info.val]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mmkit.cli.common import check_out_dir, console, one_line_errors, parse_auto_int, parse_set_options
+from mmkit.cli.common import (
+    MODEL_HELP,
+    AllowChangedModelOption,
+    InputOption,
+    check_out_dir,
+    console,
+    one_line_errors,
+    parse_auto_int,
+    parse_set_options,
+)
 from mmkit.cli.launch import (
     NnodesOption,
     NodeRankOption,
@@ -26,19 +36,22 @@ from mmkit.cli.launch import (
     run_launch,
 )
 from mmkit.errors import MmkitError
-from mmkit.models.catalog import check_model_name
+from mmkit.models.catalog import check_model_name, parse_input_options
 
 if TYPE_CHECKING:
     from mmkit.train.distributed import World
 
 
 def _default_run_dir(model: str, preset: str, started: float | None = None) -> Path:
+    if ":" in model:  # a spec: runs/FILE-FACTORY-PRESET-TIME
+        target, _, attr = model.rpartition(":")
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(target).stem if target.endswith('.py') else target}-{attr}")
     return Path("runs") / f"{model}-{preset}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
 
 
 @one_line_errors
 def train_cli(
-    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Training preset.")] = "quick",
     data: Annotated[str | None, typer.Option("--data", help="Built-in dataset or a .safetensors tensor file (default: the model's).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default: the preset's).")] = None,
@@ -62,6 +75,7 @@ def train_cli(
         typer.Option("--compile", help="torch.compile the model (falls back to eager with a warning where it cannot run).", show_default=False),
     ] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Train on data holding NaN or Inf (refused otherwise).")] = False,
+    input_: InputOption = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -71,6 +85,7 @@ def train_cli(
     --batch-size is the global batch: with N processes each trains on batch / N samples per step."""
     batch = parse_auto_int(batch_size, "--batch-size")
     set_items = tuple(parse_set_options(set_).items())
+    inputs = parse_input_options(input_)
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     check_model_name(model)  # a mistyped name is reported before torch loads
     from mmkit.train.distributed import process_group
@@ -80,7 +95,7 @@ def train_cli(
     options = RunOptions(
         model=model, preset=preset, size=size, batch_size=batch, epochs=epochs, seed=seed,  # type: ignore[arg-type]
         train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
-        nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite,
+        nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite, inputs=inputs,
     )
     if launch is not None:
         check_request(options)  # once, before any worker starts
@@ -143,6 +158,7 @@ def resume_cli(
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
     rdzv_endpoint: RdzvOption = None,
+    allow_changed_model: AllowChangedModelOption = False,
 ) -> None:
     """Continue a run exactly where its last checkpoint left it (model, optimizer, scaler, RNG, data order),
     with the same or another number of processes."""
@@ -151,7 +167,7 @@ def resume_cli(
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
 
-    config = RunConfig.load(run)
+    config = RunConfig.load(run, allow_changed_model=allow_changed_model)
     if epochs is not None:
         if epochs < config.training.epochs:
             raise MmkitError(f"--epochs {epochs} is below the run's {config.training.epochs} epochs")

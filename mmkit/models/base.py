@@ -17,6 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from mmkit.errors import MmkitError
+
 
 class ModelConfig(BaseModel):
     """Base of every family's config: frozen, serializable, no unknown fields."""
@@ -92,8 +94,30 @@ class MultimodalModel(nn.Module):
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """Class logits from a model output: the tensor itself or its `logits` field."""
-    return output if isinstance(output, torch.Tensor) else output.logits
+    """Class logits from a model output: the tensor itself, its `logits` field or key, or the
+    first element of a tuple (as many modules return `(logits, extra)`)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise MmkitError(f"training needs class logits (a tensor [batch, classes], a `logits` field or key, or a "
+                         f"tuple whose first element is them); forward returned {describe_output(output)}")
+    return logits
+
+
+def describe_output(output: Any) -> str:
+    """What a forward returned, for an error line: `a tensor [2, 5]`, `a dict with keys a, b`."""
+    if isinstance(output, torch.Tensor):
+        return f"a tensor {list(output.shape)}"
+    if isinstance(output, Mapping):
+        return f"a dict with keys {', '.join(map(str, output)) or '(none)'}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)}"
+    return type(output).__name__
 
 
 @dataclass(frozen=True)
@@ -105,8 +129,9 @@ class ModelEntry:
     sizes: Mapping[str, ModelConfig]
     default_size: str
     ladder: tuple[int, ...]  # widths, largest first
-    default_data: str
+    default_data: str  # "" for a plain factory: its data is the user's
     description: str
+    source: Mapping[str, Any] | None = None  # how a model spec was found (run.json's `model_source`)
 
     @property
     def config_class(self) -> type[ModelConfig]:
@@ -114,6 +139,7 @@ class ModelEntry:
 
 
 _ENTRIES: dict[str, ModelEntry] = {}
+USER_MODULE_PREFIX = "_mmkit_user_"  # model files are imported under private names starting so
 
 
 def registered() -> Mapping[str, ModelEntry]:
@@ -136,7 +162,10 @@ def register_model(
 
     def decorator(build: Callable[[Any], MultimodalModel]) -> Callable[[Any], MultimodalModel]:
         name = build.__name__
-        if name in _ENTRIES:
+        known = _ENTRIES.get(name)
+        reloaded = known is not None and all(  # a model file imported again after it changed
+            getattr(b, "__module__", "").startswith(USER_MODULE_PREFIX) for b in (known.build, build))
+        if known is not None and not reloaded:
             raise ValueError(f"model {name!r} registered twice")
         doc = (build.__doc__ or "").strip().splitlines()
         _ENTRIES[name] = ModelEntry(

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from mmkit.errors import MmkitError, first_error, unknown_choice
 from mmkit.models.base import (  # noqa: F401  (logits_of, register_model: part of the registry's API)
+    USER_MODULE_PREFIX,
     InputSpec,
     ModelConfig,
     ModelEntry,
@@ -30,7 +31,8 @@ from mmkit.models.base import (  # noqa: F401  (logits_of, register_model: part 
     register_model,
     registered,
 )
-from mmkit.models.catalog import parse_override_value  # noqa: F401  (part of the registry's API)
+from mmkit.models.module import FactoryConfig
+from mmkit.models.catalog import SPEC_FORMS, entry_point_models, parse_override_value  # noqa: F401
 
 
 _WIDTH_SIZE = re.compile(r"w(\d+)")
@@ -43,16 +45,33 @@ def _ensure_families_loaded() -> None:
 
 
 def list_models() -> list[str]:
+    """The built-in families and those installed packages offer (entry-point group `mmkit.models`)."""
     _ensure_families_loaded()
-    return sorted(registered())
+    return sorted({*(name for name, e in registered().items() if not _from_model_file(e)), *entry_point_models()})
+
+
+def _from_model_file(entry: ModelEntry) -> bool:
+    return getattr(entry.build, "__module__", "").startswith(USER_MODULE_PREFIX)
 
 
 def get_model_entry(name: str) -> ModelEntry:
+    """The entry of a model spec (see mmkit.models.spec): a registered or installed family's name,
+    `package.module:factory` or `path/to/file.py:factory`."""
     _ensure_families_loaded()
+    if ":" in name:
+        from mmkit.models.spec import resolve_spec
+
+        return resolve_spec(name)
     entries = registered()
-    if name not in entries:
-        raise unknown_choice("model", name, entries)
-    return entries[name]
+    if name in entries and entries[name].source is None and not _from_model_file(entries[name]):
+        return entries[name]
+    from mmkit.models.spec import entry_point_entry
+
+    entry = entry_point_entry(name)
+    if entry is None:
+        error = unknown_choice("model", name, list_models())
+        raise MmkitError(f"{error} (or a spec: {SPEC_FORMS})")
+    return entry
 
 
 def size_config(entry: ModelEntry, size: str | None) -> tuple[str, ModelConfig]:
@@ -88,6 +107,8 @@ def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelC
     Unknown keys and invalid values raise MmkitError naming the key and the valid ones.
     """
     overrides = dict(overrides)
+    if isinstance(config, FactoryConfig):  # a plain factory: its keyword arguments
+        return config.with_kwargs(overrides) if overrides else config
     if "width" in overrides:
         width = overrides.pop("width")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:

@@ -19,7 +19,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmkit.models.registry import ModelConfig, ModelEntry, MultimodalModel, build_model, resolve_config
+from mmkit.errors import MmkitError
+from mmkit.models.module import FactoryConfig, InputDecl, ModuleModel, output_leaves
+from mmkit.models.registry import (
+    ModelConfig,
+    ModelEntry,
+    MultimodalModel,
+    build_model,
+    family_input_specs,
+    resolve_config,
+)
+from mmkit.models.spec import complete_factory_config, is_factory
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -113,13 +123,11 @@ def count_components(module: nn.Module, depth: int, prefix: str = "") -> list[Co
     return components
 
 
-def _backward_target(output: Any) -> torch.Tensor:
-    """A scalar that depends on every floating output, so backward reaches every branch."""
-    if isinstance(output, torch.Tensor):
-        return output.float().sum()
-    tensors = [v for v in vars(output).values()] if hasattr(output, "__dict__") else list(output)
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
-    return torch.stack([t.float().sum() for t in tensors]).sum()
+def _backward_target(output: Any) -> torch.Tensor | None:
+    """A scalar that depends on every floating output (tensors, dicts, tuples, dataclass-like
+    objects, nested), so backward reaches every branch; None when no output needs a gradient."""
+    tensors = [t for t in output_leaves(output) if t.requires_grad]
+    return torch.stack([t.float().sum() for t in tensors]).sum() if tensors else None
 
 
 def count_flops(model: MultimodalModel, batch_size: int) -> FlopCount:
@@ -129,8 +137,9 @@ def count_flops(model: MultimodalModel, batch_size: int) -> FlopCount:
     with counter:
         output = model(**inputs)
         forward = counter.get_total_flops()
-        if any(p.requires_grad for p in model.parameters()):
-            _backward_target(output).backward()
+        target = _backward_target(output) if any(p.requires_grad for p in model.parameters()) else None
+        if target is not None:
+            target.backward()
         total = counter.get_total_flops()
     model.zero_grad(set_to_none=True)
     return FlopCount(batch_size=batch_size, forward_flops=forward, train_flops=total)
@@ -142,9 +151,18 @@ def count_model(
     overrides: Mapping[str, Any] | None = None,
     batch_size: int = 1,
     depth: int = 1,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> CountReport:
-    """Exact parameter, MAC and FLOP counts of a registered model; no weight is allocated."""
+    """Exact parameter, MAC and FLOP counts of a model spec; no weight is allocated. `inputs`
+    (`--input`) describe a plain factory's inputs: name → {"shape", "dtype", "high"}."""
     entry, size_name, config = resolve_config(name, size, overrides)
+    if is_factory(entry):
+        assert isinstance(config, FactoryConfig)
+        decls = {key: InputDecl.model_validate(value) for key, value in (inputs or {}).items()}
+        config = complete_factory_config(entry, config, inputs=decls, need_logits=False)
+    elif inputs:
+        raise MmkitError(f"--input describes a plain factory's inputs; model {entry.name!r} describes its own "
+                         f"({', '.join(family_input_specs(entry))})")
     return count_config(entry, size_name, config, batch_size, depth)
 
 
@@ -166,7 +184,7 @@ def count_config(entry: ModelEntry, size_name: str, config: ModelConfig, batch_s
         total_params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         buffer_count=sum(b.numel() for b in model.buffers()),
-        components=count_components(model, depth=max(depth, 1)),
+        components=count_components(model.net if isinstance(model, ModuleModel) else model, depth=max(depth, 1)),
         per_sample=per_sample,
         per_batch=per_batch,
     )

@@ -47,7 +47,7 @@ class Candidate:
     """One (size, batch) point and what it needs."""
 
     size: str
-    width: int
+    width: int | None  # None: a plain factory (no size ladder)
     batch_size: int
     total: int  # peak tensors + overhead lines (or the model-states lower bound, when not simulated)
     fits: bool

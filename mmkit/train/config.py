@@ -36,6 +36,7 @@ class RunConfig(BaseModel):
     precision: str  # what actually runs on the device (fp16 only on CUDA)
     fit: dict[str, Any] | None = None  # what `auto` chose and for which GPU
     precision_probe: dict[str, Any] | None = None  # the CPU's measured bf16 speed-up that chose `precision`
+    model_source: dict[str, Any] | None = None  # a model spec's origin: a file's path and sha256, a module
     notes: list[str] = []
     mmkit_version: str = __version__
     torch_version: str = torch.__version__
@@ -51,7 +52,9 @@ class RunConfig(BaseModel):
         write_json_atomic(run_dir / RUN_FILE, self.model_dump(mode="json"))
 
     @classmethod
-    def load(cls, run_dir: Path) -> RunConfig:
+    def load(cls, run_dir: Path, *, allow_changed_model: bool = False) -> RunConfig:
+        """run.json, validated; a model file that changed since the run was written is refused
+        (unless `allow_changed_model`), one that is gone says where it was expected."""
         path = run_dir / RUN_FILE
         if not run_dir.is_dir():
             raise MmkitError(f"run directory not found: {run_dir}")
@@ -63,7 +66,28 @@ class RunConfig(BaseModel):
             raise MmkitError(f"{path}: invalid JSON: {exc}") from None
         except ValidationError as exc:
             raise MmkitError(validation_message(path, exc)) from None
+        config.check_model_source(allow_changed=allow_changed_model)
         return config.with_data_found(run_dir)
+
+    def check_model_source(self, *, allow_changed: bool = False) -> None:
+        """The run's model file is where it was and as it was (its sha256), before any of it runs."""
+        source = self.model_source or {}
+        if source.get("kind") != "file":
+            return
+        model_file = Path(source["path"])
+        if not model_file.is_file():
+            raise MmkitError(f"the run's model file is missing: expected {model_file} (model {self.model!r})")
+        from mmkit.models.spec import file_sha256
+
+        now = file_sha256(model_file)
+        if now == source.get("sha256"):
+            return
+        if not allow_changed:
+            raise MmkitError(f"the run's model file {model_file} changed since the run was written (sha256 "
+                             f"{str(source.get('sha256'))[:12]}… → {now[:12]}…); restore it, or pass "
+                             "--allow-changed-model to use it as it is now")
+        print(f"mmkit: warning: the run's model file {model_file} changed since the run was written; using it as "
+              "it is now (--allow-changed-model)", file=sys.stderr)
 
     def with_data_found(self, run_dir: Path) -> RunConfig:
         """A relative data path (recorded by mmkit 0.1.0) that is not found from the working

@@ -28,21 +28,24 @@ import torch
 from mmkit.data.checks import check_set_matches_data
 from mmkit.data.datasets import absolute_data_spec
 from mmkit.errors import MmkitError
+from mmkit.models.module import FactoryConfig, InputDecl
 from mmkit.models.registry import (
     ModelConfig,
     ModelEntry,
     apply_overrides,
     build_model,
     data_overrides,
+    family_input_specs,
     get_model_entry,
     size_config,
 )
+from mmkit.models.spec import complete_factory_config, is_factory
 from mmkit.plan.memory import check_states_fit, with_gradient_checkpointing
 from mmkit.plan.precision import PrecisionChoice, run_precision
 from mmkit.settings import TrainingRecipe, TrainingSettings, resolve_training, setting_source
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import check_batch_split
-from mmkit.train.rundata import data_for_family
+from mmkit.train.rundata import check_data_for_model, data_for_family
 
 if TYPE_CHECKING:
     from mmkit.data.datasets import Dataset
@@ -81,6 +84,7 @@ class RunOptions:
     margin: float | None = None  # fraction of VRAM kept free (default: the GPU preset's)
     prefer: Literal["width", "batch"] | None = None  # when size and batch are both auto
     allow_nonfinite: bool = False  # train on data holding NaN or Inf (refused otherwise)
+    inputs: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # `--input`: a plain factory's inputs, parsed
 
     def flags(self) -> dict[str, Any]:
         """The training settings given as flags (the ones not given are left out)."""
@@ -136,6 +140,7 @@ class ResolvedRun:
             preset=self.options.preset, training=TrainingRecipe.model_validate(self.recipe.model_dump()),
             data=absolute_data_spec(self.data), data_seed=self.data_seed, device=self.device, precision=self.precision.precision,
             fit=self.fit_record(), notes=list(self.notes), precision_probe=self.precision.probe,
+            model_source=dict(self.entry.source) if self.entry.source else None,
         )
 
     def with_seed(self, seed: int) -> ResolvedRun:
@@ -273,14 +278,22 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
             raise MmkitError(f"{setting_source(options.preset, 'size', recipe.size, given, training_sets)}: {exc}") from None
     data_spec = options.data or entry.default_data
     data_seed = recipe.seed if options.data_seed is None else options.data_seed
-    dataset, shapes, num_classes = _data(data_spec, data_seed, load_data)
-    from_data = data_overrides(entry, shapes, num_classes)
-    check_set_matches_data(data_spec, from_data, model_sets)
     notes: list[str] = []
-    if dataset is not None:  # dtypes, unused tensors, NaN/Inf, labels (mmkit.data.checks)
-        dataset, data_notes = data_for_family(entry, dataset, allow_nonfinite=options.allow_nonfinite)
-        notes += data_notes
-    overrides = {**from_data, **model_sets}
+    if is_factory(entry):  # a plain factory: its one config settled here, from --input or the data
+        entry, recipe, dataset, shapes, num_classes = _factory_model(
+            entry, options, recipe, model_sets, data_spec, data_seed, notes, simulate=simulate)
+        overrides: dict[str, Any] = {}
+    else:
+        if options.inputs:
+            raise MmkitError(f"--input describes a plain factory's inputs; model {entry.name!r} describes its own "
+                             f"({', '.join(family_input_specs(entry))})")
+        dataset, shapes, num_classes = _data(data_spec, data_seed, load_data)
+        from_data = data_overrides(entry, shapes, num_classes)
+        check_set_matches_data(data_spec, from_data, model_sets)
+        if dataset is not None:  # dtypes, unused tensors, NaN/Inf, labels (mmkit.data.checks)
+            dataset, data_notes = data_for_family(entry, dataset, allow_nonfinite=options.allow_nonfinite)
+            notes += data_notes
+        overrides = {**from_data, **model_sets}
 
     device = resolve_device(options.device, present=not simulate)
     if not simulate:  # auto: even the smallest point of the ladder must fit (the fit chooses among them)
@@ -325,6 +338,63 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
         gpu=gpu, fit=fit, auto_size=recipe.size == "auto", auto_batch=recipe.batch_size == "auto",
         notes=tuple(notes), dataset=dataset,
     )
+
+
+def _factory_model(
+    entry: ModelEntry, options: RunOptions, recipe: TrainingSettings, model_sets: Mapping[str, Any], data_spec: str,
+    data_seed: int, notes: list[str], *, simulate: bool,
+) -> tuple[ModelEntry, TrainingSettings, Dataset | None, dict[str, tuple[int, ...]], int]:
+    """A plain factory's entry with its one config settled (keyword arguments, inputs, classes),
+    the recipe with the size it has, and the data when there is some (train always needs it)."""
+    if recipe.size not in ("auto", "default", entry.default_size):
+        raise MmkitError(f"model {entry.name!r} is a plain factory: it has one size (default), not {recipe.size!r}; "
+                         "pass its keyword arguments with --set model.KEY=VALUE")
+    if recipe.size == "auto":
+        given = options.flags()
+        _, training_sets = options.set_options()
+        if "size" in given or "size" in training_sets:
+            raise MmkitError(f"--size auto needs a size ladder, and model {entry.name!r} is a plain factory; register "
+                             "it with @register_model (sizes and a ladder) to fit its width, or fit only the batch")
+        notes.append(f"size: model {entry.name!r} is a plain factory (no size ladder to fit), so the preset's size "
+                     "auto fits only the batch")
+        recipe = recipe.model_copy(update={"size": entry.default_size})
+    dataset, data_inputs, num_classes = None, None, None
+    if data_spec:
+        from mmkit.data.datasets import load_dataset
+        from mmkit.models.spec import data_input_decls
+
+        dataset = load_dataset(data_spec, seed=data_seed)
+        data_inputs, num_classes = data_input_decls(dataset), dataset.num_classes
+    elif not simulate:
+        raise MmkitError(f"model {entry.name!r}: training needs data; give --data (a built-in dataset or a "
+                         ".safetensors tensor file whose tensors are named by forward's parameters)")
+    inputs = {name: InputDecl.model_validate(decl) for name, decl in options.inputs}
+    base = entry.sizes[entry.default_size]
+    assert isinstance(base, FactoryConfig)
+    config = complete_factory_config(entry, base.with_kwargs(model_sets), inputs=inputs, data_inputs=data_inputs,
+                                     num_classes=num_classes)
+    if dataset is not None:  # dtypes, unused tensors, NaN/Inf, labels (mmkit.data.checks)
+        dataset, data_notes = check_data_for_model(dataset, config.input_specs(), training=True,
+                                                   allow_nonfinite=options.allow_nonfinite)
+        notes += data_notes
+        shapes = {name: shape for name, shape in dataset.input_shapes().items() if name in config.inputs}
+        check_data_fits_inputs(entry.name, data_spec, config, shapes)
+    else:
+        shapes = {name: tuple(decl.shape) for name, decl in config.inputs.items()}
+    assert config.num_classes is not None
+    entry = replace(entry, sizes={entry.default_size: config})
+    return entry, recipe, dataset, shapes, num_classes or config.num_classes
+
+
+def check_data_fits_inputs(model: str, data: str, config: FactoryConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """`--input` and the data must agree on every input's shape."""
+    for name, decl in config.inputs.items():
+        if name not in shapes:
+            raise MmkitError(f"model {model!r} takes input {name!r}, which data {data!r} does not have "
+                             f"(it has {', '.join(sorted(shapes)) or 'none'})")
+        if tuple(shapes[name]) != tuple(decl.shape):
+            raise MmkitError(f"model {model!r}: input {name!r} is described as {list(decl.shape)}, data {data!r} "
+                             f"holds {list(shapes[name])} per sample")
 
 
 def _data(spec: str, seed: int, load: bool) -> tuple[Dataset | None, dict[str, tuple[int, ...]], int]:
