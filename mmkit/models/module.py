@@ -114,7 +114,7 @@ class ModuleModel(MultimodalModel):
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         try:
-            return self.net(**inputs)
+            return self.net(**{name: inputs[name] for name in self.config.inputs})
         except (MmkitError, torch.OutOfMemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:

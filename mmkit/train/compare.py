@@ -22,12 +22,13 @@ core count means other work competed for the CPU while timing, and the output wa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ import torch
 
 from mmkit.data.datasets import Dataset, iterate_batches, load_dataset
 from mmkit.errors import MmkitError
-from mmkit.models.registry import build_model, family_input_specs, get_model_entry, logits_of
+from mmkit.models.catalog import BUILTIN_MODELS, entry_point_models
+from mmkit.models.registry import build_model, get_model_entry, logits_of
 from mmkit.plan.count import count_config
 from mmkit.plan.hardware import resolve_gpu
 from mmkit.plan.memory import FakeTrainingRig, StepSettings, measure_training_steps
@@ -70,9 +72,24 @@ def parse_spec(text: str, default_size: str | None) -> ModelSpec:
     model, at, preset = text.partition("@")
     if at and (not preset or "@" in preset):
         raise MmkitError(f"model spec {text!r}: expected MODEL, MODEL:SIZE or MODEL[:SIZE]@PRESET")
-    name, _, size = model.partition(":")
+    parts = model.split(":")
+    if len(parts) > 1 and parts[0] not in BUILTIN_MODELS and parts[0] not in entry_point_models():
+        # a module or file spec (`towers.py:build`), with its size after a second colon
+        name, size = ":".join(parts[:2]), ":".join(parts[2:])
+    else:
+        name, _, size = model.partition(":")
     get_model_entry(name)  # clear error for an unknown model
     return ModelSpec(name, size or default_size, preset or None)
+
+
+def _with_inputs(dataset: Dataset, specs: Mapping[str, Any]) -> Dataset:
+    """The dataset with only the inputs one model takes (the tensors are shared, not copied)."""
+    return dataclasses.replace(dataset, inputs={k: v for k, v in dataset.inputs.items() if k in specs})
+
+
+def _input_specs(side: ResolvedRun) -> dict[str, Any]:
+    with torch.device("meta"):
+        return build_model(side.entry, side.config).input_specs()
 
 
 def _quartiles(values: list[float]) -> dict[str, float]:
@@ -162,18 +179,19 @@ def _timed(device: torch.device, fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, batch_sizes: list[int],
+def speed_block(specs: list[ModelSpec], configs: list[Any], datasets: list[Dataset], batch_sizes: list[int],
                 precisions: list[str], device: torch.device, seed: int,
                 load: LoadWatch | None = None) -> list[dict[str, Any]]:
-    """Interleaved timing: A, B, A, B, … so that drifts of the machine hit both alike."""
-    train_idx = dataset.indices("train")
-    batches = []
-    for batch_size in batch_sizes:
+    """Interleaved timing: A, B, A, B, … so that drifts of the machine hit both alike. `datasets`:
+    the data as each model takes it (its own inputs)."""
+    batches, eval_batches = [], []
+    for dataset, batch_size in zip(datasets, batch_sizes, strict=True):
+        train_idx = dataset.indices("train")
         inputs, labels = next(iterate_batches(dataset, train_idx[:batch_size], batch_size, shuffle=False))
         batches.append(({k: v.to(device) for k, v in inputs.items()}, labels.to(device)))
-    eval_idx = dataset.indices("test")[:INFERENCE_BATCH]
-    eval_inputs, _ = next(iterate_batches(dataset, eval_idx, len(eval_idx), shuffle=False))
-    eval_inputs = {k: v.to(device) for k, v in eval_inputs.items()}
+        eval_idx = dataset.indices("test")[:INFERENCE_BATCH]
+        eval_inputs, _ = next(iterate_batches(dataset, eval_idx, len(eval_idx), shuffle=False))
+        eval_batches.append({k: v.to(device) for k, v in eval_inputs.items()})
 
     rigs = []
     for spec, config, precision in zip(specs, configs, precisions, strict=True):
@@ -190,7 +208,7 @@ def speed_block(specs: list[ModelSpec], configs: list[Any], dataset: Dataset, ba
                                      grad_clip=1.0)
 
     def infer(i: int) -> Callable[[], None]:
-        model, precision = rigs[i][0], precisions[i]
+        model, precision, eval_inputs = rigs[i][0], precisions[i], eval_batches[i]
 
         def run() -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES.get(precision),
@@ -313,6 +331,8 @@ def compare(
     if clash:
         raise MmkitError(f"compare --set {clash[0]}: {owned[clash[0]]}")
     data_spec = data or get_model_entry(specs[0].name).default_data
+    if not data_spec:
+        raise MmkitError(f"compare {specs[0].label} {specs[1].label}: give --data (a plain factory has no data of its own)")
     presets = [spec.preset or preset for spec in specs]
     options = [
         RunOptions(
@@ -327,19 +347,18 @@ def compare(
         check_request(option)
     progress(f"loading {data_spec}")
     dataset = load_dataset(data_spec, seed=data_seed)
-    entries = [get_model_entry(spec.name) for spec in specs]
-    # the data checks of a run, for the inputs either model takes (both are timed and trained on it)
-    dataset, data_notes = check_data_for_model(
-        dataset, {name: spec for entry in reversed(entries) for name, spec in family_input_specs(entry).items()},
-        training=True, allow_nonfinite=allow_nonfinite)
-    for note in data_notes:
-        progress(note)
     sides = []
     for option in options:
         try:
             sides.append(resolve_run(option))
         except MmkitError as exc:
             raise MmkitError(f"cannot compare {specs[0].label} and {specs[1].label} on {data_spec}: {exc}") from None
+    # the data checks of a run, for the inputs either model takes (both are timed and trained on it)
+    dataset, data_notes = check_data_for_model(
+        dataset, {name: spec for side in reversed(sides) for name, spec in _input_specs(side).items()},
+        training=True, allow_nonfinite=allow_nonfinite)
+    for note in data_notes:
+        progress(note)
     configs = [side.config for side in sides]
     batches = [side.batch_size for side in sides]
     precisions = [side.precision.precision for side in sides]
@@ -380,7 +399,8 @@ def compare(
         return result  # static only
 
     progress("speed: interleaved timing")
-    speed = speed_block(specs, configs, dataset, batches, precisions, torch.device(device), recipes[0].seed,
+    own_data = [_with_inputs(dataset, _input_specs(side)) for side in sides]
+    speed = speed_block(specs, configs, own_data, batches, precisions, torch.device(device), recipes[0].seed,
                         load=load)
     result["a"]["speed"], result["b"]["speed"] = speed
     result["ratios"]["train_step_time"] = (
@@ -391,9 +411,9 @@ def compare(
     )
 
     seed_list = list(range(seeds))
-    for key, spec, side in zip(("a", "b"), specs, sides, strict=True):
-        result[key]["learning"] = learning_block(spec, side, seeds=seed_list, dataset=dataset, progress=progress,
-                                                 load=load)
+    for key, spec, side, data_of_side in zip(("a", "b"), specs, sides, own_data, strict=True):
+        result[key]["learning"] = learning_block(spec, side, seeds=seed_list, dataset=data_of_side,
+                                                 progress=progress, load=load)
     result["machine"] = load.machine()
     la, lb = result["a"]["learning"], result["b"]["learning"]
     result["settings"]["epochs"] = la["epochs"] if la["epochs"] == lb["epochs"] else None

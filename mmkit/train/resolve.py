@@ -287,9 +287,17 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
         if options.inputs:
             raise MmkitError(f"--input describes a plain factory's inputs; model {entry.name!r} describes its own "
                              f"({', '.join(family_input_specs(entry))})")
-        dataset, shapes, num_classes = _data(data_spec, data_seed, load_data)
-        from_data = data_overrides(entry, shapes, num_classes)
-        check_set_matches_data(data_spec, from_data, model_sets)
+        if data_spec:
+            dataset, shapes, num_classes = _data(data_spec, data_seed, load_data)
+            from_data = data_overrides(entry, shapes, num_classes)
+            check_set_matches_data(data_spec, from_data, model_sets)
+        elif simulate:  # a family without data of its own, planned at its sizes' own input widths
+            dataset, from_data = None, {}
+            shapes = {name: tuple(spec.shape) for name, spec in family_input_specs(entry).items()}
+            num_classes = entry.sizes[entry.default_size].num_classes
+        else:
+            raise MmkitError(f"model {entry.name!r} has no data of its own; give --data (a built-in dataset or a "
+                             ".safetensors tensor file)")
         if dataset is not None:  # dtypes, unused tensors, NaN/Inf, labels (mmkit.data.checks)
             dataset, data_notes = data_for_family(entry, dataset, allow_nonfinite=options.allow_nonfinite)
             notes += data_notes
