@@ -3,7 +3,8 @@ docs/ is parsed by the real command line, and the fast ones (count, memory-plan,
 data info of a built-in set, version, help, and the lines the docs show failing) are run, with the
 exit code the page shows (2 where it shows `mmkit: error:`). The README's tour runs verbatim.
 
-Synopsis lines (MODEL, [--size S], a|b) are skipped; commands that need files the docs assume the
+A model file a page shows in full (a fenced block whose first line is `# NAME.py`) is written
+beside the commands it runs with. Synopsis lines (MODEL, [--size S], a|b) are skipped; commands that need files the docs assume the
 user has (a RAVDESS folder) or that train for minutes are parsed only. A command that appears on
 several pages runs once (the first time; the others are parsed). The README stays short, its links
 and the pages' links lead somewhere, and no page points outside the repository.
@@ -86,6 +87,17 @@ def parse_only(argv: list[str]) -> None:
         command = sub
 
 
+def documented_files(page: Path) -> dict[str, str]:
+    """The files a page shows in full: fenced blocks whose first line is `# NAME.py`."""
+    files = {}
+    for block in FENCE.finditer(page.read_text(encoding="utf-8")):
+        first, _, rest = block.group(1).partition("\n")
+        match = re.fullmatch(r"# ([\w.-]+\.py)", first.strip())
+        if match:
+            files[match.group(1)] = rest
+    return files
+
+
 def is_fast(argv: list[str]) -> bool:
     if argv[0] == "compare":  # the static block alone takes seconds; training takes minutes
         return "--epochs" in argv and argv[argv.index("--epochs") + 1] == "0"
@@ -136,6 +148,8 @@ def test_documented_command(page: Path, argv: list[str], fails: bool, line: int,
     parse_only(argv)
     if is_fast(argv) and (rel(page), line) in FIRST:
         monkeypatch.chdir(tmp_path)  # runs/… and other outputs land in a scratch folder
+        for name, code in documented_files(page).items():  # the model files the page shows
+            (tmp_path / name).write_text(code, encoding="utf-8")
         result = CliRunner().invoke(app, argv)
         assert result.exit_code == 0, f"{where}: mmkit {shlex.join(argv)}\n{result.output}"
 

@@ -115,9 +115,8 @@ def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
                      f"--device cuda plans the run on the {resolved.gpu.name} itself")
     if resolved.dataset is not None:
         splits = [len(resolved.dataset.indices(split)) for split in ("train", "val")]
-    elif not resolved.data:  # a plain factory described by --input: no data, so no epoch
+    elif not resolved.data:  # a model described by --input alone: no data, so no epoch
         splits = [resolved.batch_size, 0]
-        notes.append("no --data: the time estimate is for one step (an epoch's length depends on the data)")
     else:
         info = BUILTIN_DATASETS[resolved.data]
         splits = [info.train, info.val]
@@ -127,6 +126,7 @@ def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
         gradient_checkpointing=recipe.gradient_checkpointing, margin=options.margin,
         train_samples=round(splits[0] * recipe.train_fraction), val_samples=splits[1], epochs=recipe.epochs,
         measure=measure, notes=notes, nproc=options.nproc, grad_accum=recipe.grad_accum,
+        has_data=bool(resolved.data),
     )
 
 
@@ -212,7 +212,14 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
         console.print(f"  why: {reason}")
     console.print(f"[dim]{fit.simulations} training steps simulated on fake tensors.[/dim]")
 
-    if plan.time is not None:
+    if plan.time is not None and not plan.has_data:
+        t = plan.time
+        console.print(
+            f"time [yellow](estimate)[/yellow]: {human_duration(t.step_seconds)} per training step "
+            f"[dim]({t.bound}-bound; assumes {t.utilization:.0%} of {t.tflops:g} TFLOP/s {plan.precision}; "
+            "give --data for the time per epoch)[/dim]"
+        )
+    elif plan.time is not None:
         t = plan.time
         console.print(
             f"time [yellow](estimate)[/yellow]: {t.steps_per_epoch} steps/epoch × {human_duration(t.step_seconds)}"

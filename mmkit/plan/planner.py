@@ -49,6 +49,7 @@ class MemoryPlan:
     notes: list[str]
     nproc: int = 1  # data-parallel processes (one GPU each); the fit is per process
     grad_accum: int = 1  # micro-batches per optimizer step (the recipe's)
+    has_data: bool = True  # False: a model described by --input alone; the time is per step
 
     @property
     def batch_size(self) -> int:
@@ -153,6 +154,7 @@ def plan_memory(
     notes: list[str] | None = None,
     nproc: int = 1,
     grad_accum: int = 1,
+    has_data: bool = True,
 ) -> MemoryPlan:
     """The plan of a resolved run (mmkit.train.resolve): its fit, inference simulated at the
     choice, the time estimated, and optionally real steps measured.
@@ -212,4 +214,5 @@ def plan_memory(
         margin=gpu.margin if margin is None else margin,
         inference_peak=inference_peak, inference_overhead=inference_overhead,
         time=time_estimate, measure=measured, notes=list(notes or []), nproc=nproc, grad_accum=grad_accum,
+        has_data=has_data,
     )
