@@ -2,7 +2,8 @@
 
 With `--nproc-per-node N` (or the multi-node options) this process launches N workers through
 torchrun (see mmkit.cli.launch); each worker, and every process that torchrun starts directly,
-joins the process group here and trains its rank's share. Rank 0 alone prints and writes.
+joins the process group here and trains its rank's share. Rank 0 alone prints and writes, and
+holds the run directory's lock (mmkit.train.rundir.run_lock) while it does.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def train_cli(
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
     from mmkit.train.resolve import RunOptions, check_request, resolve_device, resolve_run
+    from mmkit.train.rundir import run_lock
 
     options = RunOptions(
         model=model, preset=preset, size=size, batch_size=batch, epochs=epochs, seed=seed,  # type: ignore[arg-type]
@@ -91,26 +93,44 @@ def train_cli(
     with process_group(resolve_device(device)) as world:
         run_dir = out or _default_run_dir(model, preset, world.broadcast(int(time.time())))
         _refuse_existing(run_dir)
-        world.barrier()  # every rank has looked before rank 0 writes run.json
-        resolved = resolve_run(dataclasses.replace(options, nproc=world.size))
+        world.barrier()
+        resolved = resolve_run(dataclasses.replace(options, nproc=world.size))  # bad input: nothing written yet
         reporter = _reporter(world)
-        _prepare_run_dir(run_dir, world)
-        with _interruptions(run_dir, reporter, world):
-            outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
-                                reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
-        if world.is_main:
-            _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
+        with run_lock(run_dir, world, create=True):  # this process (rank 0) is the run's one writer
+            _refuse_run_json(run_dir)  # looked at again: another process may have written it meanwhile
+            world.barrier()  # every rank has looked before rank 0 writes run.json
+            _prepare_run_dir(run_dir, world)
+            with _interruptions(run_dir, reporter, world):
+                outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
+                                    reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
+            if world.is_main:
+                _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 
 
 def _refuse_existing(run_dir: Path) -> None:
+    """`train --out` of a directory another process is writing (naming its pid), or that holds a run."""
     check_out_dir(run_dir)
+    _refuse_locked(run_dir)
+    _refuse_run_json(run_dir)
+
+
+def _refuse_run_json(run_dir: Path) -> None:
     if (run_dir / "run.json").exists():
         raise MmkitError(f"{run_dir} already holds a run; continue it with `mmkit resume {run_dir}` or pick another --out")
 
 
+def _refuse_locked(run_dir: Path) -> None:
+    """One line naming the pid of the process writing `run_dir`, if one is (before any work)."""
+    from mmkit.train.rundir import RunLocked, lock_holder
+
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise RunLocked(run_dir, holder)
+
+
 def _prepare_run_dir(run_dir: Path, world: World) -> None:
-    """Before this process writes the run (rank 0): remove what dead writers left behind (their
-    `.tmp-*` / `.old-*` files and checkpoint directories); the other ranks wait for it."""
+    """Before this process writes the run (rank 0, holding its lock): remove what dead writers left
+    behind (their `.tmp-*` / `.old-*` files and checkpoint directories); the other ranks wait for it."""
     from mmkit.train.rundir import remove_stale_run_temp
 
     if world.is_main:
@@ -150,6 +170,7 @@ def resume_cli(
     from mmkit.train.config import RunConfig
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
+    from mmkit.train.rundir import run_lock
 
     config = RunConfig.load(run)
     if epochs is not None:
@@ -161,9 +182,10 @@ def resume_cli(
         if config.training.tasks:
             raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
         _check_resume_split(launch.world_size, int(config.training.batch_size))
+        _refuse_locked(run)  # before any worker starts
         run_launch(launch, "resume", run, {})
 
-    with process_group(config.device) as world:
+    with process_group(config.device) as world, run_lock(run, world):  # rank 0: the run's one writer
         reporter = _reporter(world)
         _prepare_run_dir(run, world)
         if world.is_main:
