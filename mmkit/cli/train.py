@@ -28,6 +28,7 @@ from mmkit.cli.launch import (
 )
 from mmkit.errors import MmkitError
 from mmkit.models.catalog import check_model_name
+from mmkit.train.rundir import RESUME_KEYS, RunLocked, lock_holder, run_lock
 
 if TYPE_CHECKING:
     from mmkit.train.distributed import World
@@ -77,7 +78,6 @@ def train_cli(
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
     from mmkit.train.resolve import RunOptions, check_request, resolve_device, resolve_run
-    from mmkit.train.rundir import run_lock
 
     options = RunOptions(
         model=model, preset=preset, size=size, batch_size=batch, epochs=epochs, seed=seed,  # type: ignore[arg-type]
@@ -121,8 +121,6 @@ def _refuse_run_json(run_dir: Path) -> None:
 
 def _refuse_locked(run_dir: Path) -> None:
     """One line naming the pid of the process writing `run_dir`, if one is (before any work)."""
-    from mmkit.train.rundir import RunLocked, lock_holder
-
     holder = lock_holder(run_dir)
     if holder is not None:
         raise RunLocked(run_dir, holder)
@@ -159,24 +157,24 @@ def resume_cli(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Extend the run to this many epochs in total.")] = None,
     stop_after_epochs: Annotated[int | None, typer.Option("--stop-after-epochs", min=1, help="Stop after this many epochs in total.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help=f"Change a training setting from here on, recorded in run.json: {', '.join(RESUME_KEYS)} (repeatable)."),
+    ] = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
     rdzv_endpoint: RdzvOption = None,
 ) -> None:
     """Continue a run exactly where its last checkpoint left it (model, optimizer, scaler, RNG, data order),
-    with the same or another number of processes."""
+    with the same or another number of processes; --set changes the lr, clipping or length from there on."""
+    overrides = parse_set_options(set_)
     from mmkit.train.checkpoint import list_checkpoints
     from mmkit.train.config import RunConfig
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
-    from mmkit.train.rundir import run_lock
 
-    config = RunConfig.load(run)
-    if epochs is not None:
-        if epochs < config.training.epochs:
-            raise MmkitError(f"--epochs {epochs} is below the run's {config.training.epochs} epochs")
-        config = config.model_copy(update={"training": config.training.model_copy(update={"epochs": epochs})})
+    config = RunConfig.load(run).with_resume_overrides(overrides, epochs)
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     if launch is not None:
         if config.training.tasks:

@@ -1,7 +1,7 @@
 """The run directory: its file names, the one atomic writer every file in it goes through, and the
 run's history and metrics.
 
-    RUN/run.json          the resolved configuration (`RunConfig`)
+    RUN/run.json          the resolved configuration (`RunConfig`); `resume --set` changes `RESUME_KEYS`
     RUN/history.jsonl     one JSON object per epoch
     RUN/metrics.json      the final test metrics
     RUN/checkpoints/      step directories and the best.json / last.json pointers (checkpoint.py)
@@ -58,6 +58,15 @@ HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
+
+# The training settings of run.json that `mmkit resume RUN --set KEY=V` may change (each change is
+# recorded in run.json's `resume_overrides`). They steer only the steps still to come: the learning
+# rate (the schedule is computed from it at every step; after a NaN stop, resume with a lower one),
+# gradient clipping, the run's length, how often checkpoints are written and how many are kept.
+# The others are fixed by what the checkpoints hold or were trained with: the batch, the seed and
+# data order, the size and the model, the data, the precision, the optimizer and its weight decay
+# (restored with the optimizer state), the schedule's shape and its warmup.
+RESUME_KEYS = ("lr", "grad_clip", "epochs", "checkpoint_every", "checkpoint_every_steps", "keep_last")
 
 # `.tmp-step-N-PID-RANDOM` / `.old-step-N-PID-RANDOM` (checkpoint dirs) and `.NAME.tmp-PID-RANDOM` (files)
 _TEMP_PID = re.compile(rf"\.(?:tmp|old)-step-\d+-(\d+)-[0-9a-f]+|{TEMP_FILE_PATTERN}")
