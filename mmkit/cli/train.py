@@ -109,8 +109,8 @@ def train_cli(
 
 def _refuse_existing(run_dir: Path) -> None:
     """`train --out` of a directory another process is writing (naming its pid), or that holds a run."""
+    _refuse_locked(run_dir)  # first: nothing, not even the write check, touches a run being written
     check_out_dir(run_dir)
-    _refuse_locked(run_dir)
     _refuse_run_json(run_dir)
 
 
