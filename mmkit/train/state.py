@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, Validat
 from torch import Tensor
 
 from mmkit.errors import MmkitError, RunStopped, validation_message
-from mmkit.train.rundir import run_json_sha256
 from mmkit.train.checkpoint import (
     CheckpointError,
     checkpoints_dir,
@@ -50,6 +49,7 @@ from mmkit.train.checkpoint import (
     stop_on_write_failure,
     write_pointer,
 )
+from mmkit.train.rundir import run_json_sha256
 
 DATA_GENERATOR_KEY = "rng.data_order"
 EPOCH_ORDER_KEY = "rng.epoch_order"  # data-order state at the start of an interrupted epoch
