@@ -102,6 +102,14 @@ CASES = {
     "resume/a-file": ("resume {file}", "run directory not found"),
     "resume/broken-run-json": ("resume {broken_run}", "run.json: invalid JSON"),
     "resume/zero-epochs": ("resume {run} --epochs 0", "Invalid value for '--epochs'"),
+    "resume/set-batch-size": ("resume {run} --set batch_size=8", "--set batch_size: resume can change only lr, "
+                              "grad_clip, epochs, checkpoint_every, checkpoint_every_steps, keep_last;"),
+    "resume/set-model-key": ("resume {run} --set model.width=8", "--set model.width: resume can change only lr,"),
+    "resume/set-bad-lr": ("resume {run} --set lr=-1", "--set lr=-1: Input should be greater than 0"),
+    "resume/set-zero-epochs": ("resume {run} --set epochs=0", "--set epochs=0: Input should be greater than 0"),
+    "resume/set-epochs-twice": ("resume {run} --epochs 2 --set epochs=2", "epochs is given twice, as --epochs and "
+                                "as --set epochs=...; keep one"),
+    "resume/set-not-key-value": ("resume {run} --set lr", "--set expects key=value, got 'lr'"),
     # eval
     "eval/not-a-run": ("eval {empty}", "is not an mmkit run"),
     "eval/missing-data": ("eval {run} --data {missing}", "data file not found"),

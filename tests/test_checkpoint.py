@@ -476,3 +476,29 @@ def test_nothing_is_derived_before_the_first_epoch_ends(tmp_path: Path) -> None:
         f"warning: rebuilt last.json (missing) → step-00000005 in {tmp_path / 'checkpoints'} from the trainer "
         "state of the step directories")
 
+
+
+def test_identical_runs_write_byte_identical_checkpoints(tmp_path: Path) -> None:
+    """Every file of every checkpoint (model.safetensors, state.safetensors, trainer_state.json,
+    manifest.json) and the pointers: the same bytes from two runs of one command into two directories.
+    (history.jsonl and the printed progress carry wall-clock times; no checkpoint file does.)"""
+    from typer.testing import CliRunner
+
+    from mmkit.cli.app import app
+
+    runs = [tmp_path / "first", tmp_path / "elsewhere" / "second"]
+    for run in runs:
+        result = CliRunner().invoke(app, ["train", "multichannel", "--preset", "quick", "--set", "train_fraction=0.05",
+                                          "--epochs", "2", "--out", str(run)])
+        assert result.exit_code == 0, result.output
+
+    def digests(run: Path) -> dict[str, str]:
+        root = run / "checkpoints"
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    first, second = map(digests, runs)
+    assert sorted(first) == ["best.json", "last.json",
+                             *(f"step-{s:08d}/{name}" for s in (8, 16) for name in
+                               ("manifest.json", "model.safetensors", "state.safetensors", "trainer_state.json"))]
+    assert first == second

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -140,6 +140,18 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "split": torch.tensor([0] * 64 + [1] * 16 + [2] * 16, dtype=torch.uint8),
     }, str(root / "all.safetensors"), metadata={"classes": json.dumps(["a", "b", "c", "d"])})
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forget_the_families() -> Iterator[None]:
+    """The families these tests register leave the registry with them (other tests list it)."""
+    from mmkit.models import base
+
+    before = set(base.registered())
+    yield
+    for name in set(base.registered()) - before:
+        del base._ENTRIES[name]
+    sys.modules.pop("mmkit_epfam", None)
 
 
 @pytest.fixture(autouse=True)

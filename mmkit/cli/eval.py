@@ -44,12 +44,17 @@ def eval_cli(
     from mmkit.train.evaluation import evaluate
     from mmkit.train.resolve import resolve_device
     from mmkit.train.rundata import load_run_data
+    from mmkit.train.rundir import lock_holder
 
     if split not in ("test", "val"):
         raise MmkitError(f"unknown split {split!r}; valid: test, val")
     if plot is not None:
         _require_matplotlib()
     config = RunConfig.load(run, allow_changed_model=allow_changed_model)
+    holder = lock_holder(run)
+    if holder is not None:  # a live run: only complete checkpoints are ever read
+        print(f"mmkit: warning: {run} is still being written (by {holder}); evaluating the complete "
+              f"checkpoint it has now", file=sys.stderr)
     if checkpoint in POINTER_NAMES:  # a broken pointer is derived again from the step directories
         path, warning = resolve_pointer(run, checkpoint)
         if warning is not None:

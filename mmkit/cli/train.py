@@ -2,7 +2,8 @@
 
 With `--nproc-per-node N` (or the multi-node options) this process launches N workers through
 torchrun (see mmkit.cli.launch); each worker, and every process that torchrun starts directly,
-joins the process group here and trains its rank's share. Rank 0 alone prints and writes.
+joins the process group here and trains its rank's share. Rank 0 alone prints and writes, and
+holds the run directory's lock (mmkit.train.rundir.run_lock) while it does.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mmkit.cli.launch import (
 )
 from mmkit.errors import MmkitError
 from mmkit.models.catalog import check_model_name, parse_input_options
+from mmkit.train.rundir import RESUME_KEYS, RunLocked, lock_holder, run_lock
 
 if TYPE_CHECKING:
     from mmkit.train.distributed import World
@@ -106,26 +108,42 @@ def train_cli(
     with process_group(resolve_device(device)) as world:
         run_dir = out or _default_run_dir(model, preset, world.broadcast(int(time.time())))
         _refuse_existing(run_dir)
-        world.barrier()  # every rank has looked before rank 0 writes run.json
-        resolved = resolve_run(dataclasses.replace(options, nproc=world.size))
+        world.barrier()
+        resolved = resolve_run(dataclasses.replace(options, nproc=world.size))  # bad input: nothing written yet
         reporter = _reporter(world)
-        _prepare_run_dir(run_dir, world)
-        with _interruptions(run_dir, reporter, world):
-            outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
-                                reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
-        if world.is_main:
-            _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
+        with run_lock(run_dir, world, create=True):  # this process (rank 0) is the run's one writer
+            _refuse_run_json(run_dir)  # looked at again: another process may have written it meanwhile
+            world.barrier()  # every rank has looked before rank 0 writes run.json
+            _prepare_run_dir(run_dir, world)
+            with _interruptions(run_dir, reporter, world):
+                outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
+                                    reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
+            if world.is_main:
+                _finish_message(outcome.run_dir, outcome.finished, outcome.epochs_done)
 
 
 def _refuse_existing(run_dir: Path) -> None:
+    """`train --out` of a directory another process is writing (naming its pid), or that holds a run."""
+    _refuse_locked(run_dir)  # first: nothing, not even the write check, touches a run being written
     check_out_dir(run_dir)
+    _refuse_run_json(run_dir)
+
+
+def _refuse_run_json(run_dir: Path) -> None:
     if (run_dir / "run.json").exists():
         raise MmkitError(f"{run_dir} already holds a run; continue it with `mmkit resume {run_dir}` or pick another --out")
 
 
+def _refuse_locked(run_dir: Path) -> None:
+    """One line naming the pid of the process writing `run_dir`, if one is (before any work)."""
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise RunLocked(run_dir, holder)
+
+
 def _prepare_run_dir(run_dir: Path, world: World) -> None:
-    """Before this process writes the run (rank 0): remove what dead writers left behind (their
-    `.tmp-*` / `.old-*` files and checkpoint directories); the other ranks wait for it."""
+    """Before this process writes the run (rank 0, holding its lock): remove what dead writers left
+    behind (their `.tmp-*` / `.old-*` files and checkpoint directories); the other ranks wait for it."""
     from mmkit.train.rundir import remove_stale_run_temp
 
     if world.is_main:
@@ -154,6 +172,10 @@ def resume_cli(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Extend the run to this many epochs in total.")] = None,
     stop_after_epochs: Annotated[int | None, typer.Option("--stop-after-epochs", min=1, help="Stop after this many epochs in total.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help=f"Change a training setting from here on, recorded in run.json: {', '.join(RESUME_KEYS)} (repeatable)."),
+    ] = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -161,25 +183,23 @@ def resume_cli(
     allow_changed_model: AllowChangedModelOption = False,
 ) -> None:
     """Continue a run exactly where its last checkpoint left it (model, optimizer, scaler, RNG, data order),
-    with the same or another number of processes."""
+    with the same or another number of processes; --set changes the lr, clipping or length from there on."""
+    overrides = parse_set_options(set_)
     from mmkit.train.checkpoint import list_checkpoints
     from mmkit.train.config import RunConfig
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
 
-    config = RunConfig.load(run, allow_changed_model=allow_changed_model)
-    if epochs is not None:
-        if epochs < config.training.epochs:
-            raise MmkitError(f"--epochs {epochs} is below the run's {config.training.epochs} epochs")
-        config = config.model_copy(update={"training": config.training.model_copy(update={"epochs": epochs})})
+    config = RunConfig.load(run, allow_changed_model=allow_changed_model).with_resume_overrides(overrides, epochs)
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     if launch is not None:
         if config.training.tasks:
             raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
         _check_resume_split(launch.world_size, int(config.training.batch_size))
+        _refuse_locked(run)  # before any worker starts
         run_launch(launch, "resume", run, {})
 
-    with process_group(config.device) as world:
+    with process_group(config.device) as world, run_lock(run, world):  # rank 0: the run's one writer
         reporter = _reporter(world)
         _prepare_run_dir(run, world)
         if world.is_main:

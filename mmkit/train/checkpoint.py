@@ -127,7 +127,10 @@ def save_checkpoint(
     temp = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
     temp.mkdir()
     try:
-        metadata = {"format": "pt", "mmkit": FORMAT}  # "pt" lets other safetensors tools load it
+        # "pt" lets other safetensors tools load it. One key only: safetensors writes the metadata
+        # from a hash map, in an order that changes from one process to the next, so that two keys
+        # made identical runs write different bytes (the manifest names mmkit's format)
+        metadata = {"format": "pt"}
         save_file(_prepare_for_safetensors(model_state), temp / MODEL_FILE, metadata=metadata)
         save_file(_prepare_for_safetensors(state_tensors), temp / STATE_FILE, metadata=metadata)
         (temp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")

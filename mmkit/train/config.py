@@ -1,23 +1,39 @@
-"""The resolved configuration of a run: everything `resume` and `eval` need, saved as run.json."""
+"""The resolved configuration of a run: everything `resume` and `eval` need, saved as run.json.
+
+`mmkit resume RUN --set KEY=V` may change the training settings of `RESUME_KEYS` (and no other);
+each change is recorded in run.json's `resume_overrides`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from mmkit import __version__
 from mmkit.atomic import write_json_atomic
 from mmkit.data.datasets import relocated_data_spec
-from mmkit.errors import MmkitError, validation_message
+from mmkit.errors import MmkitError, first_error, validation_message
 from mmkit.models.registry import ModelConfig, ModelEntry, get_model_entry
 from mmkit.settings import TrainingRecipe
-from mmkit.train.rundir import RUN_FILE
+from mmkit.train.rundir import RESUME_KEYS, RUN_FILE
 
+
+class ResumeOverride(BaseModel):
+    """One `resume --set KEY=V`, as run.json records it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    old: Any
+    new: Any
+    at_step: int | None = None  # the step training went on from (None until that resume has loaded it)
 
 
 class RunConfig(BaseModel):
@@ -38,8 +54,15 @@ class RunConfig(BaseModel):
     precision_probe: dict[str, Any] | None = None  # the CPU's measured bf16 speed-up that chose `precision`
     model_source: dict[str, Any] | None = None  # a model spec's origin: a file's path and sha256, a module
     notes: list[str] = []
+    resume_overrides: list[ResumeOverride] = []  # what `resume --set` changed, oldest first
     mmkit_version: str = __version__
     torch_version: str = torch.__version__
+    _source_sha256: str | None = PrivateAttr(default=None)  # of run.json's bytes, when loaded from it
+
+    @property
+    def source_sha256(self) -> str | None:
+        """The sha256 of the run.json bytes this config was loaded from (None: not loaded from a file)."""
+        return self._source_sha256
 
     @property
     def entry(self) -> ModelEntry:
@@ -60,14 +83,51 @@ class RunConfig(BaseModel):
             raise MmkitError(f"run directory not found: {run_dir}")
         if not path.is_file():
             raise MmkitError(f"{run_dir} is not an mmkit run: {RUN_FILE} is missing")
+        data = path.read_bytes()
         try:
-            config = cls.model_validate(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
+            config = cls.model_validate(json.loads(data))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MmkitError(f"{path}: invalid JSON: {exc}") from None
         except ValidationError as exc:
             raise MmkitError(validation_message(path, exc)) from None
+        config._source_sha256 = hashlib.sha256(data).hexdigest()
         config.check_model_source(allow_changed=allow_changed_model)
         return config.with_data_found(run_dir)
+
+    def with_resume_overrides(self, overrides: Mapping[str, Any], epochs_flag: int | None = None) -> RunConfig:
+        """This config with `resume --set` `overrides` applied and recorded (`resume_overrides`,
+        `at_step` left for the resume to fill in), and `--epochs` (`epochs_flag`) applied.
+
+        Refuses, in one line: a key not in `RESUME_KEYS`, a value the setting does not take, epochs
+        given both ways or below the run's, and any epochs for a continual run (its length is
+        tasks × epochs_per_task)."""
+        refused = next((key for key in overrides if key not in RESUME_KEYS), None)
+        if refused is not None:
+            raise MmkitError(f"--set {refused}: resume can change only {', '.join(RESUME_KEYS)}; the run's other "
+                             f"settings are fixed by its checkpoints (train a new run to change them)")
+        if epochs_flag is not None and "epochs" in overrides:
+            raise MmkitError("epochs is given twice, as --epochs and as --set epochs=...; keep one")
+        recipe = self.training
+        given = dict(overrides) | ({"epochs": epochs_flag} if epochs_flag is not None else {})
+        if "epochs" in given and recipe.tasks:
+            raise MmkitError(f"a continual run trains tasks × epochs_per_task epochs ({recipe.tasks} × "
+                             f"{recipe.epochs_per_task}); its length cannot change on resume")
+        try:
+            training = TrainingRecipe.model_validate(recipe.model_dump() | given)
+        except ValidationError as exc:
+            field, message = first_error(exc)
+            source = "--epochs" if epochs_flag is not None and field == "epochs" else f"--set {field}={given.get(field)}"
+            raise MmkitError(f"{source}: {message}") from None
+        if training.epochs < recipe.epochs:
+            source = f"--epochs {epochs_flag}" if epochs_flag is not None else f"--set epochs={training.epochs}"
+            raise MmkitError(f"{source} is below the run's {recipe.epochs} epochs")
+        changes = [ResumeOverride(key=key, old=getattr(recipe, key), new=getattr(training, key))
+                   for key in overrides if getattr(recipe, key) != getattr(training, key)]
+        return self.model_copy(update={"training": training, "resume_overrides": [*self.resume_overrides, *changes]})
+
+    def pending_overrides(self) -> list[ResumeOverride]:
+        """The `resume --set` changes the running resume has made (their `at_step` still unknown)."""
+        return [override for override in self.resume_overrides if override.at_step is None]
 
     def check_model_source(self, *, allow_changed: bool = False) -> None:
         """The run's model file is where it was and as it was (its sha256), before any of it runs."""

@@ -35,7 +35,7 @@ from mmkit.train.config import RunConfig
 from mmkit.train.distributed import SINGLE, World, no_sync
 from mmkit.train.metrics import ClassificationMetrics
 from mmkit.train.report import Reporter
-from mmkit.train.rundir import HISTORY_FILE, read_history, write_history
+from mmkit.train.rundir import HISTORY_FILE, RUN_FILE, read_history, write_history
 from mmkit.train.signals import StopRequest, TrainingInterrupted
 from mmkit.train.state import (
     RecipeState,
@@ -171,11 +171,12 @@ class StepRunner:
             loss = self.world.sum(loss.double() * n / total).float()
         if not torch.isfinite(loss) and self.scaler is None:
             # (with fp16 the GradScaler has already skipped this step and lowered its scale)
-            recipe = self.config.training
+            lower = f"{self.config.training.lr / 10:g}"
+            fp32 = "" if self.config.precision == "fp32" else " (or a new run in fp32)"
             raise RunStopped(
                 f"loss is {loss.item()} at {where}, step {step}; stopped before any checkpoint with "
-                f"non-finite weights; {last_good(self.run_dir)} (a lower lr than {recipe.lr:g}"
-                f"{'' if self.config.precision == 'fp32' else ' or fp32'} may avoid it)"
+                f"non-finite weights; {last_good(self.run_dir)}; a lower lr may avoid it: "
+                f"`mmkit resume {self.run_dir} --set lr={lower}`{fp32}"
             )
         return loss
 
@@ -296,15 +297,45 @@ class Engine:
                                               warn=self.reporter.message, cuda_device=self.cuda_device)
             self.state = restored.state
             if self.world.is_main:
+                self._check_run_json(restored)
                 self.history = [r for r in read_history(self.run_dir) if r["epoch"] <= self.state.epoch]
                 save_history(self.run_dir, self.history)  # drop epochs logged after the checkpoint
         elif self.world.is_main and history.exists():
             history.unlink()
+        if self.world.is_main:
+            self._record_overrides()
         self.world.barrier()  # no rank starts before rank 0 has set the run directory up
         trained = self._wrap(self.trainables.model) if self._wrap is not None else self.trainables.model
         self.runner = StepRunner(self.run_dir, self._config, trained, self.trainables.optimizer,
                                  self.trainables.scaler, self.device, self.reporter, self._forward_loss, self.world)
         return restored
+
+    def _check_run_json(self, restored: Restored) -> None:
+        """One warning when run.json, as this process read it (before it wrote anything), is not
+        the file the checkpoint was trained with: edited since (checkpoints written before mmkit
+        stored the hash are not checked)."""
+        stored, read = restored.trainer.run_json_sha256, self._config.source_sha256
+        if stored is not None and read is not None and stored != read:
+            self.reporter.message(
+                f"warning: {self.run_dir / RUN_FILE} changed since checkpoint {restored.checkpoint.name} was written "
+                f"(its sha256 differs from the one the checkpoint stores); resuming with the settings it holds now"
+            )
+
+    def _record_overrides(self) -> None:
+        """The settings this resume changed (`resume --set`): one warning each, and run.json records
+        them with the step training goes on from."""
+        pending = self._config.pending_overrides()
+        if not pending:
+            return
+        step = self.state.global_step
+        stamped = [o.model_copy(update={"at_step": step}) if o.at_step is None else o
+                   for o in self._config.resume_overrides]
+        self._config = self._config.model_copy(update={"resume_overrides": stamped})
+        with stop_on_write_failure(self.run_dir, str(self.run_dir / RUN_FILE)):
+            self._config.save(self.run_dir)
+        for override in pending:
+            self.reporter.message(f"warning: {override.key} {override.old} → {override.new} from step {step} on "
+                                  f"(resume --set; recorded in {self.run_dir / RUN_FILE})")
 
     def train_epoch(self, plan: EpochPlan) -> EpochTotals:
         """Run the steps of `plan`'s epoch (the rest of it, in a resumed epoch)."""

@@ -12,6 +12,7 @@ which `resume` reads first.)
 On disk (the format `resume` has always read; mmkit.train.checkpoint has the layout):
 
     trainer_state.json  model, size, epoch, global_step, best_uar, best_epoch, world_size,
+                        run_json_sha256 (of run.json's bytes when the checkpoint was written),
                         optimizer/scaler metadata; batches_in_epoch and epoch_samples_seen in a
                         mid-epoch checkpoint; the recipe's fields ("matrix", "val", ...)
     state.safetensors   optimizer tensors, rng.* (global RNGs), rng.data_order; rng.epoch_order
@@ -48,6 +49,7 @@ from mmkit.train.checkpoint import (
     stop_on_write_failure,
     write_pointer,
 )
+from mmkit.train.rundir import run_json_sha256
 
 DATA_GENERATOR_KEY = "rng.data_order"
 EPOCH_ORDER_KEY = "rng.epoch_order"  # data-order state at the start of an interrupted epoch
@@ -67,6 +69,7 @@ class TrainerState(BaseModel):
     batches_in_epoch: NonNegativeInt = 0  # > 0: a mid-epoch checkpoint
     epoch_samples_seen: NonNegativeInt = 0
     world_size: PositiveInt = 1  # processes that wrote it
+    run_json_sha256: str | None = None  # run.json's when it was written (None: written before mmkit stored it)
     optimizer: dict[str, Any]
     scaler: dict[str, float | int] | None = None
 
@@ -222,7 +225,7 @@ def save_run_checkpoint(
     tensors, optimizer_meta = optimizer_state_to_tensors(trainables.optimizer.state_dict())
     tensors |= rng_state_to_tensors(cuda_device=cuda_device) | state.checkpoint_tensors()
     document = {**identity, "global_step": step, **state.checkpoint_fields(), **(fields or {}),
-                "world_size": world_size}
+                "world_size": world_size, "run_json_sha256": run_json_sha256(run_dir)}
     if recipe is not None:
         tensors |= recipe.checkpoint_tensors()
         document |= recipe.checkpoint_fields()
