@@ -55,8 +55,8 @@ def test_quick_multichannel_run_has_everything_and_learns(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("model", "extra"),
     [
-        ("multichannel", ()),
-        ("multichannel", ("--set", "precision=bf16")),
+        ("multichannel", ("--train-fraction", "0.1")),
+        ("multichannel", ("--train-fraction", "0.1", "--set", "precision=bf16")),
         ("lfm2", ("--size", "w64", "--train-fraction", "0.05", "--batch-size", "16")),
         ("lfm2", ("--size", "w64", "--set", "train_fraction=0.05", "--batch-size", "16", "--set", "precision=bf16")),
     ],
@@ -90,7 +90,7 @@ def test_resume_after_a_crash_past_the_checkpoint_trims_history(tmp_path: Path) 
 
 def test_resume_extends_a_finished_run(tmp_path: Path) -> None:
     run = tmp_path / "R"
-    ok("train", "multichannel", "--preset", "quick", "--epochs", "2", "--out", run)
+    ok("train", "multichannel", "--preset", "quick", "--epochs", "2", "--train-fraction", "0.1", "--out", run)
     ok("resume", run, "--epochs", "3")
     assert [r["epoch"] for r in history(run)] == [1, 2, 3]
     assert json.loads((run / "run.json").read_text())["training"]["epochs"] == 3
@@ -140,7 +140,7 @@ def test_eval_on_data_that_does_not_fit_names_both(finished_run: Path) -> None:
 
 def test_checkpoint_of_another_model_is_refused(finished_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "sep"
-    ok("train", "separate", "--preset", "quick", "--epochs", "1", "--out", other)
+    ok("train", "separate", "--preset", "quick", "--epochs", "1", "--train-fraction", "0.1", "--out", other)
     run = tmp_path / "mc"
     shutil.copytree(finished_run, run)
     shutil.rmtree(run / "checkpoints")
