@@ -359,3 +359,26 @@ def test_two_processes_train_a_file_model_and_resume_it_from_run_json(tmp_path: 
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     assert [record["epoch"] for record in map(json.loads, (run / "history.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_the_users_traceback_comes_with_mmkit_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["count", "plain.py:build", "--input", "audio=6x9", "--input", "tokens=5:int64:20",
+            "--input", "image=3x4x4:uint8:256"]
+    quiet = runner.invoke(app, args)
+    assert quiet.exit_code == 2 and "Traceback" not in quiet.stderr
+    monkeypatch.setenv("MMKIT_DEBUG", "1")
+    loud = runner.invoke(app, args)
+    assert loud.exit_code == 2
+    assert "Traceback" in loud.stderr and 'plain.py", line' in loud.stderr  # the user's own frames
+    assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
+
+
+def test_create_model_takes_a_spec_in_python(project: Path) -> None:
+    from mmkit.models import create_model
+
+    model = create_model("plain.py:build", hidden=8, num_classes=3)
+    output = model(audio=torch.randn(2, 6, 8), tokens=torch.randint(0, 20, (2, 5)),
+                   image=torch.randint(0, 256, (2, 3, 4, 4)).to(torch.uint8))
+    assert output["logits"].shape == (2, 3)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in real_module("plain", project)[0].__class__(3, 8).parameters())

@@ -81,6 +81,10 @@ def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
         except MmkitError as exc:
             from mmkit.cli.launch import worker_rank
 
+            if exc.__cause__ is not None and os.environ.get("MMKIT_DEBUG", "").lower() in ("1", "true", "yes"):
+                import traceback  # a user's model failed: their traceback, then the one line
+
+                traceback.print_exception(exc.__cause__, file=sys.stderr)
             rank = worker_rank()
             if rank == 0:
                 print(f"mmkit: error: {exc}", file=sys.stderr)

@@ -114,7 +114,9 @@ class ModuleModel(MultimodalModel):
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         try:
-            return self.net(**{name: inputs[name] for name in self.config.inputs})
+            if self.config.inputs:  # the inputs it was described with (data may hold more tensors)
+                inputs = {name: inputs[name] for name in self.config.inputs}
+            return self.net(**inputs)
         except (MmkitError, torch.OutOfMemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:
