@@ -27,7 +27,7 @@ def accuracy_row(name: str, batch_size: int, precision: str, device: str = "cpu"
     entry, size, config = resolve_config(name, None, None)
     settings = StepSettings(batch_size=batch_size, precision=precision, gpu_target=device != "cpu")
     simulated = simulate_training_step(entry, config, settings)
-    measured = measure_training_steps(entry, config, settings, device=device, steps=1)
+    measured = measure_training_steps(entry, config, settings, device=device, steps=0)
     return {"model": name, "size": size, "batch_size": batch_size, "precision": precision, "device": device,
             "simulated_bytes": simulated.peak_tensors, "measured_bytes": measured.peak_tensors,
             "method": measured.method,

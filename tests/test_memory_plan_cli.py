@@ -68,6 +68,26 @@ def test_measure_on_cpu_agrees_within_3_percent(model: str, size: str, batch: st
     assert measure["device"] == "cpu"
     assert abs(measure["error_percent"]) <= 3.0
     assert measure["measured_peak_tensors"] > 0 and all(t > 0 for t in measure["step_seconds"])
+    assert measure["timed_steps"] == len(measure["step_seconds"]) == 5
+    assert measure["step_seconds_p25"] <= measure["step_seconds_median"] <= measure["step_seconds_p75"]
+
+
+def test_measured_steps_are_timed_without_the_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One step runs under the live-storage tracker (the peak); the timed ones run without it."""
+    import mmkit.plan.memory as memory
+
+    tracked, timed = [], []
+    enter, step = memory.LiveStorageTracker.__enter__, memory.training_step
+    monkeypatch.setattr(memory.LiveStorageTracker, "__enter__", lambda self: tracked.append(1) or enter(self))
+    monkeypatch.setattr(memory, "training_step", lambda *a, **k: timed.append(k["on_phase"]) or step(*a, **k))
+    settings = memory.StepSettings(batch_size=8, precision="fp32")
+    from mmkit.models.registry import get_model_entry, size_config
+
+    entry = get_model_entry("multichannel")
+    measurement = memory.measure_training_steps(entry, size_config(entry, "default")[1], settings, steps=4)
+    assert len(measurement.step_seconds) == 4 and len(tracked) == 1
+    # warm-up, the tracked step, then 4 steps with no phase callback (no tracker attached)
+    assert len(timed) == 6 and all(getattr(f, "__name__", "") == "<lambda>" for f in (timed[0], *timed[2:]))
 
 
 def test_environment_chooses_the_model(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -234,6 +234,8 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
             f"{m.predicted_peak:,} B ({m.error_percent:+.2f} %) [dim]({m.measurement.method})[/dim]"
         )
         console.print(
-            f"measured step {human_duration(m.time.step_seconds)} → {human_duration(m.time.epoch_seconds)}/epoch, "
+            f"measured step {human_duration(m.time.step_seconds)} [dim](median of {len(m.measurement.step_seconds)} "
+            f"real steps timed without the tracker, {human_duration(m.measurement.spread_seconds[0])}–"
+            f"{human_duration(m.measurement.spread_seconds[1])})[/dim] → {human_duration(m.time.epoch_seconds)}/epoch, "
             f"{human_duration(m.time.total_seconds)} for {m.time.epochs} epochs (training steps only)"
         )

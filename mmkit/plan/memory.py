@@ -252,18 +252,40 @@ class Measurement:
     device: str
     peak_tensors: int  # CPU: the tracker on real tensors; CUDA: torch.cuda.max_memory_allocated
     method: str
-    step_seconds: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # real steps, timed without any tracker
 
     @property
     def median_step_seconds(self) -> float:
-        times = sorted(self.step_seconds)
-        return times[len(times) // 2] if times else float("nan")
+        return _quantile(self.step_seconds, 0.5)
+
+    @property
+    def spread_seconds(self) -> tuple[float, float]:
+        """The 25th and 75th percentiles of the timed steps."""
+        return _quantile(self.step_seconds, 0.25), _quantile(self.step_seconds, 0.75)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile (the median of an even count is the mean of the middle two)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+MEASURED_STEPS = 5  # real steps timed by `memory-plan --measure` (median and spread)
 
 
 def measure_training_steps(
-    entry: ModelEntry, config: ModelConfig, step: StepSettings, device: str = "cpu", steps: int = 3
+    entry: ModelEntry, config: ModelConfig, step: StepSettings, device: str = "cpu", steps: int = MEASURED_STEPS
 ) -> Measurement:
-    """Run `steps` real training steps (after one warm-up step) and measure peak memory and time."""
+    """Peak memory and the time of `steps` real training steps, after one warm-up step.
+
+    On a CPU the peak comes from one step under the live-storage tracker, and the `steps` timed
+    steps run after it without any tracker, so that the time is a real step's (`steps=0`: the
+    peak alone). On CUDA the allocator's own peak is read and no tracker is needed."""
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(entry, config).to(dev).train()
@@ -290,23 +312,23 @@ def measure_training_steps(
             times.append(time.perf_counter() - start)
         return Measurement(device, torch.cuda.max_memory_allocated(dev),
                            "torch.cuda.max_memory_allocated", times)
-    # CPU: count live storages of real tensors; the batch was allocated before, count it as well
-    peak = 0
-    for _ in range(steps):
-        tracker = LiveStorageTracker()
-        handles = track_model_state(tracker, model, optimizer)
-        tracker.track([*inputs.values(), labels], "other")
-        if scaler is not None:
-            tracker.track([scaler._scale, scaler._growth_tracker], "other")
-        track_optimizer_state(tracker, optimizer)
+    # CPU: count live storages of real tensors in one step; the batch was allocated before, count it as well
+    tracker = LiveStorageTracker()
+    handles = track_model_state(tracker, model, optimizer)
+    tracker.track([*inputs.values(), labels], "other")
+    if scaler is not None:
+        tracker.track([scaler._scale, scaler._growth_tracker], "other")
+    track_optimizer_state(tracker, optimizer)
+    with tracker:
+        run_step(tracker.set_phase)
+    for handle in handles:
+        handle.remove()
+    for _ in range(steps):  # timed without the tracker: a real step's time
         start = time.perf_counter()
-        with tracker:
-            run_step(tracker.set_phase)
+        run_step()
         times.append(time.perf_counter() - start)
-        for handle in handles:
-            handle.remove()
-        peak = max(peak, tracker.peak.peak_bytes)
-    return Measurement(device, peak, "live-storage tracker on real tensors", times)
+    return Measurement(device, tracker.peak.peak_bytes,
+                       f"live-storage tracker on real tensors (one step); time: {steps} untracked steps", times)
 
 
 def states_lower_bound(params: int, optimizer: str) -> int:

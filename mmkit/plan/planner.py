@@ -120,6 +120,10 @@ class MemoryPlan:
                 "measured_peak_tensors": m.measurement.peak_tensors,
                 "error_percent": m.error_percent,
                 "step_seconds": m.measurement.step_seconds,
+                "timed_steps": len(m.measurement.step_seconds),
+                "step_seconds_median": m.measurement.median_step_seconds,
+                "step_seconds_p25": m.measurement.spread_seconds[0],
+                "step_seconds_p75": m.measurement.spread_seconds[1],
                 "time": m.time.as_dict(),
             }
         return doc

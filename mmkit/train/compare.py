@@ -238,7 +238,7 @@ def speed_block(specs: list[ModelSpec], configs: list[Any], datasets: list[Datas
     for i, (spec, config) in enumerate(zip(specs, configs, strict=True)):
         peak = measure_training_steps(
             get_model_entry(spec.name), config,
-            StepSettings(batch_size=batch_sizes[i], precision=precisions[i]), device=str(device), steps=1,
+            StepSettings(batch_size=batch_sizes[i], precision=precisions[i]), device=str(device), steps=0,
         )
         throughput = [len(eval_idx) / t for t in infer_times[i]]
         blocks.append({
