@@ -16,14 +16,15 @@ from mmkit.cli.common import (
     print_json,
 )
 from mmkit.cli.common import MODEL_HELP, InputOption
-from mmkit.models.catalog import BUILTIN_MODELS, check_model_name, parse_input_options
+from mmkit.models.catalog import BUILTIN_MODELS, check_model_name, entry_point_models, parse_input_options
 
 if TYPE_CHECKING:
     from mmkit.plan.count import ComponentCount, CountReport
 
 
 def _complete_model(incomplete: str) -> list[str]:
-    return [m for m in BUILTIN_MODELS if m.startswith(incomplete)]  # the shell waits on this: no torch
+    names = [*BUILTIN_MODELS, *entry_point_models()]  # the shell waits on this: no torch, no package imported
+    return [m for m in names if m.startswith(incomplete)]
 
 
 @one_line_errors
