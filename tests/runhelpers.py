@@ -51,3 +51,25 @@ def forge_manifest(checkpoint: Path) -> None:
         data = (checkpoint / name).read_bytes()
         manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+# `python DRIVER AT mmkit-args...`: runs mmkit and `kill -9`s it before optimizer step number AT
+# starts (SIGKILL: no handler, no cleanup, no flush)
+KILL_BEFORE_STEP_DRIVER = """
+import os, signal, sys
+import mmkit.train.engine as engine
+from mmkit.cli.app import main
+
+at, calls = int(sys.argv[1]), [0]
+step = engine.StepRunner.step
+
+def killing_step(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, *args, **kwargs)
+
+engine.StepRunner.step = killing_step
+sys.argv = ["mmkit", *sys.argv[2:]]
+main()
+"""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model
+from runhelpers import KILL_BEFORE_STEP_DRIVER, assert_bitwise_equal, history, last_checkpoint, last_model
 from typer.testing import CliRunner
 
 import mmkit.train.engine as engine
@@ -154,29 +154,11 @@ def time_limit(straight: Path) -> float:
     return time.perf_counter() - started + 3 * steps * (TIMINGS["run"] / steps)
 
 
-KILL_DRIVER = """
-import os, signal, sys
-import mmkit.train.engine as engine
-from mmkit.cli.app import main
-
-at, calls = int(sys.argv[1]), [0]
-step = engine.StepRunner.step
-
-def killing_step(self, *args, **kwargs):  # SIGKILL before optimizer step `at`: exactly `kill -9`
-    calls[0] += 1
-    if calls[0] == at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return step(self, *args, **kwargs)
-
-engine.StepRunner.step = killing_step
-sys.argv = ["mmkit", *sys.argv[2:]]
-main()
-"""
 
 
 def test_kill_9_mid_task_then_resume_is_bitwise_identical(straight: Path, time_limit: float, tmp_path: Path) -> None:
     run, driver = tmp_path / "R", tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER)
+    driver.write_text(KILL_BEFORE_STEP_DRIVER)
     # killed before step 14, in task 2's first epoch; the checkpoint of step 10 is its 2nd of 8 steps
     process = subprocess.run(
         [sys.executable, str(driver), "14", "train", "clip", *TINY, *EVERY_5_STEPS, "--out", str(run)],

@@ -7,7 +7,6 @@ own checks of names, shapes and fields, not the checksum.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import last_checkpoint
+from runhelpers import forge_manifest, last_checkpoint
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -59,13 +58,6 @@ def payload(tmp_path: Path) -> tuple[bytes, Path]:
     return pickle.dumps(Payload(sentinel)), sentinel
 
 
-def forge_manifest(checkpoint: Path) -> None:
-    """Recompute manifest.json for whatever the files now hold, as an attacker would."""
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    for name in manifest["files"]:
-        data = (checkpoint / name).read_bytes()
-        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
 def rewrite_header(data: bytes, change) -> bytes:

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
-from runhelpers import assert_bitwise_equal, last_model, losses
+from runhelpers import KILL_BEFORE_STEP_DRIVER, assert_bitwise_equal, last_model, losses
 
 runner = CliRunner()
 
@@ -228,22 +228,6 @@ def test_the_auto_batch_is_the_largest_that_fits(kind: str) -> None:
 
 
 TRAIN = ("--data", "all.safetensors", "--epochs", "2", "--batch-size", "8", "--set", "checkpoint_every_steps=3")
-KILL_DRIVER = """
-import os, signal, sys
-import mmkit.train.engine as engine
-from mmkit.cli.app import main
-
-at, calls = int(sys.argv[1]), [0]
-step = engine.StepRunner.step
-def killing_step(self, *args, **kwargs):  # `kill -9` before optimizer step number `at` starts
-    calls[0] += 1
-    if calls[0] == at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return step(self, *args, **kwargs)
-engine.StepRunner.step = killing_step
-sys.argv = ["mmkit", *sys.argv[2:]]
-main()
-"""
 
 
 @pytest.mark.parametrize("kind", SPECS)
@@ -260,7 +244,7 @@ def test_train_kill_9_resume_is_bitwise_identical_and_eval_reads_the_run(project
 
     killed = tmp_path / "killed"
     driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER)
+    driver.write_text(KILL_BEFORE_STEP_DRIVER)
     process = subprocess.run([sys.executable, str(driver), "8", "train", SPECS[kind], *TRAIN, "--out", str(killed)],
                              capture_output=True, text=True, timeout=300)
     assert process.returncode == -signal.SIGKILL, process.stderr
