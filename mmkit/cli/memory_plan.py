@@ -24,6 +24,7 @@ from mmkit.models.catalog import check_model_name, parse_input_options
 if TYPE_CHECKING:
     from mmkit.plan.fit import Candidate
     from mmkit.plan.planner import MemoryPlan
+    from mmkit.plan.search import SearchResult
     from mmkit.train.resolve import RunOptions
 
 BAR_WIDTH = 30
@@ -60,6 +61,11 @@ def memory_plan_cli(
                           "train` would on this machine), cpu, or cuda (on the --gpu preset's GPU, present here or not).")
     ] = "auto",
     input_: InputOption = None,
+    target_batch: Annotated[
+        int | None, typer.Option("--target-batch", min=1, help="Samples per optimizer step: search precision (unless "
+                                 "--precision is given), activation checkpointing (unless --[no-]grad-checkpointing is "
+                                 "given) and micro-batch × accumulation = N, ranked by predicted speed.")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Simulate training memory by category on fake tensors and fit size and batch to a GPU:
@@ -68,8 +74,10 @@ def memory_plan_cli(
 
     if prefer not in (None, "width", "batch"):
         raise MmkitError(f"--prefer must be 'width' or 'batch', got {prefer!r}")
-    if precision is not None and precision not in ("fp32", "fp16", "bf16"):
-        raise MmkitError(f"unknown precision {precision!r}; valid: bf16, fp16, fp32")
+    if precision is not None and precision not in ("fp32", "fp16", "bf16", "auto"):
+        raise MmkitError(f"unknown precision {precision!r}; valid: auto (with --target-batch), bf16, fp16, fp32")
+    if precision == "auto" and target_batch is None:
+        raise MmkitError("--precision auto searches the precisions with --target-batch N; give it, or a precision")
     if optimizer is not None and optimizer not in ("adamw", "sgd"):
         raise MmkitError(f"unknown optimizer {optimizer!r}; valid: adamw, sgd")
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
@@ -82,10 +90,10 @@ def memory_plan_cli(
         model=model, preset=preset, size=size, batch_size=parse_auto_int(batch_size, "--batch-size"),  # type: ignore[arg-type]
         precision=precision, optimizer=optimizer, gradient_checkpointing=grad_checkpointing,  # type: ignore[arg-type]
         data=data, gpu=gpu, device=device, set_items=tuple(parse_set_options(set_).items()), nproc=nproc,
-        margin=margin, prefer=prefer, inputs=parse_input_options(input_),  # type: ignore[arg-type]
+        margin=margin, prefer=prefer, inputs=parse_input_options(input_), target_batch=target_batch,  # type: ignore[arg-type]
     )
     recipe = check_request(options)
-    if prefer is not None and not (recipe.size == "auto" and recipe.batch_size == "auto"):
+    if prefer is not None and (target_batch is not None or not (recipe.size == "auto" and recipe.batch_size == "auto")):
         raise MmkitError(
             f"--prefer {prefer} only applies when size and batch are both auto "
             f"(here size {recipe.size}, batch {recipe.batch_size})"
@@ -96,9 +104,13 @@ def memory_plan_cli(
     if json_output:
         doc = plan.as_dict()
         doc["preset"] = preset
+        if plan.search is not None:
+            doc["search"] = plan.search.as_dict()
         print_json(doc)
     else:
         render_plan(plan, preset)
+        if plan.search is not None:
+            render_search(plan.search)
 
 
 def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
@@ -126,8 +138,23 @@ def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
         gradient_checkpointing=recipe.gradient_checkpointing, margin=options.margin,
         train_samples=round(splits[0] * recipe.train_fraction), val_samples=splits[1], epochs=recipe.epochs,
         measure=measure, notes=notes, nproc=options.nproc, grad_accum=recipe.grad_accum,
-        has_data=bool(resolved.data),
+        has_data=bool(resolved.data), search=resolved.search,
     )
+
+
+def render_search(search: SearchResult) -> None:
+    """The ranked ways to train at the target batch, and why each dimension the winner left lost."""
+    table = Table(title=f"ways to train at {search.target_batch} samples per optimizer step, fastest first "
+                        "(memory simulated, time estimated)", title_justify="left")
+    for column in ("", "precision", "checkpointing", "micro × accum", "memory", "step (est.)", "samples/s (est.)"):
+        table.add_column(column, justify="left" if column in ("", "precision", "checkpointing") else "right")
+    for rank, option in enumerate(search.options, start=1):
+        table.add_row(str(rank), option.precision, "yes" if option.gradient_checkpointing else "no",
+                      f"{option.micro_batch} × {option.accumulation}", human_bytes(option.total_bytes),
+                      human_duration(option.step_seconds), f"{option.samples_per_s:,.0f}")
+    console.print(table)
+    for line in search.rejected:
+        console.print(f"  why not: {line}")
 
 
 def _bar(value: int, budget: int) -> str:

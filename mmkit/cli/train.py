@@ -78,6 +78,10 @@ def train_cli(
     ] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Train on data holding NaN or Inf (refused otherwise).")] = False,
     input_: InputOption = None,
+    target_batch: Annotated[
+        int | None, typer.Option("--target-batch", min=1, help="Samples per optimizer step: run the fastest "
+                                 "precision, checkpointing and micro-batch × accumulation that fit (see memory-plan).")
+    ] = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -98,6 +102,7 @@ def train_cli(
         model=model, preset=preset, size=size, batch_size=batch, epochs=epochs, seed=seed,  # type: ignore[arg-type]
         train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
         nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite, inputs=inputs,
+        target_batch=target_batch,
     )
     if launch is not None:
         check_request(options)  # once, before any worker starts

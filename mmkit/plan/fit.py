@@ -173,6 +173,19 @@ def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
     return max(min(limits), fit_hi) if limits else None
 
 
+def evaluate_batch(fit: FitResult, gpu: GpuPreset, batch_size: int, margin: float | None = None) -> Candidate:
+    """Another batch size at `fit`'s chosen size and settings, simulated on the rig the fit built
+    (one process: no DDP buckets)."""
+    for known in fit.considered:
+        if known.size == fit.size and known.batch_size == batch_size:
+            return known
+    memory = fit.rigs[fit.size].training_step(batch_size)  # a size that fits was simulated on this rig
+    overhead = gpu.overhead_bytes(memory.peak_tensors)
+    total = memory.peak_tensors + sum(overhead.values())
+    return Candidate(fit.size, fit.config.width, batch_size, total, total <= gpu.budget_bytes(margin), True, memory,
+                     overhead)
+
+
 def ladder_sizes(entry: ModelEntry, base: ModelConfig, overrides: Mapping[str, Any]) -> list[tuple[str, ModelConfig]]:
     """The ladder as (size name, config), largest first; named sizes keep their names."""
     named = {config: name for name, config in entry.sizes.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from mmkit.plan.memory import (
 )
 from mmkit.plan.timing import TimeEstimate, estimate_time
 from mmkit.settings import GpuPreset
+
+if TYPE_CHECKING:
+    from mmkit.plan.search import SearchResult
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class MemoryPlan:
     nproc: int = 1  # data-parallel processes (one GPU each); the fit is per process
     grad_accum: int = 1  # micro-batches per optimizer step (the recipe's)
     has_data: bool = True  # False: a model described by --input alone; the time is per step
+    search: SearchResult | None = None  # `--target-batch`: the ranked ways to train, the fit is the winner's
 
     @property
     def batch_size(self) -> int:
@@ -159,6 +163,7 @@ def plan_memory(
     nproc: int = 1,
     grad_accum: int = 1,
     has_data: bool = True,
+    search: SearchResult | None = None,
 ) -> MemoryPlan:
     """The plan of a resolved run (mmkit.train.resolve): its fit, inference simulated at the
     choice, the time estimated, and optionally real steps measured.
@@ -218,5 +223,5 @@ def plan_memory(
         margin=gpu.margin if margin is None else margin,
         inference_peak=inference_peak, inference_overhead=inference_overhead,
         time=time_estimate, measure=measured, notes=list(notes or []), nproc=nproc, grad_accum=grad_accum,
-        has_data=has_data,
+        has_data=has_data, search=search,
     )

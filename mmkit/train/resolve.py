@@ -50,6 +50,7 @@ from mmkit.train.rundata import check_data_for_model, data_for_family
 if TYPE_CHECKING:
     from mmkit.data.datasets import Dataset
     from mmkit.plan.fit import FitResult
+    from mmkit.plan.search import SearchResult
     from mmkit.settings import GpuPreset
 
 TRAINING_KEYS = tuple(TrainingRecipe.model_fields)
@@ -68,7 +69,7 @@ class RunOptions:
     preset: str = "quick"
     size: str | None = None
     batch_size: int | Literal["auto"] | None = None
-    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    precision: Literal["fp32", "fp16", "bf16", "auto"] | None = None  # auto: searched (with --target-batch)
     optimizer: Literal["adamw", "sgd"] | None = None
     gradient_checkpointing: bool | None = None
     epochs: int | None = None
@@ -85,10 +86,13 @@ class RunOptions:
     prefer: Literal["width", "batch"] | None = None  # when size and batch are both auto
     allow_nonfinite: bool = False  # train on data holding NaN or Inf (refused otherwise)
     inputs: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # `--input`: a plain factory's inputs, parsed
+    target_batch: int | None = None  # `--target-batch`: search precision, checkpointing and accumulation
 
     def flags(self) -> dict[str, Any]:
         """The training settings given as flags (the ones not given are left out)."""
         values = {key: getattr(self, key) for key in FLAG_NAMES}
+        if values["precision"] == "auto":  # searched (`--target-batch`), not a setting
+            values["precision"] = None
         return {key: value for key, value in values.items() if value is not None}
 
     def set_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -117,6 +121,7 @@ class ResolvedRun:
     auto_batch: bool = False
     notes: tuple[str, ...] = ()
     dataset: Dataset | None = field(default=None, repr=False)
+    search: SearchResult | None = None  # the ranked ways to train at `--target-batch`
 
     @property
     def batch_size(self) -> int:
@@ -128,11 +133,14 @@ class ResolvedRun:
 
     def fit_record(self) -> dict[str, Any] | None:
         """What `auto` chose and for which GPU (run.json's `fit`)."""
-        if self.fit is None or self.gpu is None or not (self.auto_size or self.auto_batch):
+        if self.fit is None or self.gpu is None or not (self.auto_size or self.auto_batch or self.search):
             return None
-        return {"gpu": self.gpu.name, "precision": self.precision.precision, "size": self.size,
-                "batch_size": self.batch_size, "total_bytes": self.fit.chosen.total,
-                "budget_bytes": self.fit.budget_bytes}
+        record = {"gpu": self.gpu.name, "precision": self.precision.precision, "size": self.size,
+                  "batch_size": self.batch_size, "total_bytes": self.fit.chosen.total,
+                  "budget_bytes": self.fit.budget_bytes}
+        if self.search is not None:  # the whole choice: what ran, what it beat and why
+            record["search"] = self.search.as_dict()
+        return record
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -320,8 +328,15 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
     if choice.note:
         notes.append(choice.note)
 
-    fit = None
-    if gpu is not None:
+    fit, search = None, None
+    if options.target_batch is not None:
+        gpu = gpu or _target_gpu(options, recipe, needed=True)[0]
+        assert gpu is not None
+        search, choice, recipe = _search(entry, gpu, recipe, overrides, choice, options, device, notes, simulate=simulate)
+        winner = search.winner
+        fit = winner.fit
+        size_name, config, batch_size = fit.size, fit.config, options.target_batch
+    elif gpu is not None:
         fit = _fit(entry, gpu, recipe, overrides, choice.precision, options)
         size_name, config, batch_size = fit.size, fit.config, fit.batch_size * options.nproc
         if any(v == "auto" for v in (recipe.size, recipe.batch_size)):
@@ -344,7 +359,7 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
         options=options, entry=entry, size=size_name, config=config, recipe=resolved_recipe, data=data_spec,
         data_seed=data_seed, input_shapes=shapes, num_classes=num_classes, device=device, precision=choice,
         gpu=gpu, fit=fit, auto_size=recipe.size == "auto", auto_batch=recipe.batch_size == "auto",
-        notes=tuple(notes), dataset=dataset,
+        notes=tuple(notes), dataset=dataset, search=search,
     )
 
 
@@ -438,6 +453,54 @@ def _fit(entry: ModelEntry, gpu: GpuPreset, recipe: TrainingSettings, overrides:
         margin=options.margin, min_batch_size=recipe.min_batch_size, max_batch_size=recipe.max_batch_size,
         prefer=options.prefer or "width",
     )
+
+
+def _search(
+    entry: ModelEntry, gpu: GpuPreset, recipe: TrainingSettings, overrides: Mapping[str, Any], choice: PrecisionChoice,
+    options: RunOptions, device: str, notes: list[str], *, simulate: bool,
+) -> tuple[SearchResult, PrecisionChoice, TrainingSettings]:
+    """`--target-batch N`: the ranked ways to train at N samples per optimizer step, and the recipe
+    of the winner (its precision, checkpointing, batch N in `grad_accum` micro-batches). What the
+    user pinned (`--precision`, `--grad-checkpointing` / `--no-grad-checkpointing`, the same with
+    `--set`) is not searched."""
+    from mmkit.plan.search import search_training_plans
+
+    given = options.flags()
+    _, training_sets = options.set_options()
+    if options.nproc > 1:
+        raise MmkitError("--target-batch plans one process; drop --nproc-per-node (or give --batch-size)")
+    if "batch_size" in given or "batch_size" in training_sets or "grad_accum" in training_sets:
+        raise MmkitError("--target-batch chooses the micro-batch and grad_accum itself; drop --batch-size / "
+                         "--set grad_accum")
+    size = str(recipe.size)
+    if size == "auto":
+        if "size" in given or "size" in training_sets:
+            raise MmkitError("--target-batch compares ways to train one model: give a size (--size NAME), not auto")
+        size = entry.default_size
+        notes.append(f"size: --target-batch searches at one size, the family's default ({size}); "
+                     "give --size to search another")
+    pinned = options.precision not in (None, "auto") or "precision" in training_sets
+    on_cuda = device.startswith("cuda") or (simulate and gpu.device_type == "cuda" and device.startswith("cuda"))
+    precisions = (choice.precision,) if pinned or not on_cuda else tuple(gpu.precisions)
+    if not pinned and not on_cuda:
+        notes.append(f"precision: on this CPU the probe's choice ({choice.precision}) is the one searched")
+    supports = "gradient_checkpointing" in entry.config_class.model_fields
+    if "gradient_checkpointing" in given or "gradient_checkpointing" in training_sets or not supports:
+        checkpointing: tuple[bool, ...] = (bool(recipe.gradient_checkpointing),)
+    else:
+        checkpointing = (False, True)
+    result = search_training_plans(entry, gpu, size=size, target_batch=int(options.target_batch or 0),
+                                   precisions=precisions, checkpointing=checkpointing, overrides=overrides,
+                                   optimizer=recipe.optimizer, margin=options.margin)
+    winner = result.winner
+    notes.append(f"search: {winner.label()} fits {gpu.name} ({winner.total_bytes / 2**30:.2f} GiB) and is "
+                 f"predicted fastest of {len(result.options)} ({winner.samples_per_s:,.0f} samples/s, estimate)")
+    if winner.precision != choice.precision:
+        choice = PrecisionChoice(winner.precision, None)
+    recipe = recipe.model_copy(update={
+        "size": size, "precision": winner.precision, "gradient_checkpointing": winner.gradient_checkpointing,
+        "grad_accum": winner.accumulation, "batch_size": result.target_batch})
+    return result, choice, recipe
 
 
 def _auto_note(fit: FitResult, gpu: GpuPreset, precision: str, nproc: int) -> str:
