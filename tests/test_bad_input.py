@@ -32,7 +32,8 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     rtx = (builtin_preset_dir() / "gpus" / "rtx3050.toml").read_text()
     (presets / "gpus" / "negative.toml").write_text(rtx.replace("vram_gib = 4.0", "vram_gib = -4.0"))
     run = root / "run"
-    result = runner.invoke(app, ["train", "multichannel", "--preset", "quick", "--epochs", "1", "--out", str(run)])
+    result = runner.invoke(app, ["train", "multichannel", "--preset", "quick", "--epochs", "1", "--train-fraction", "0.1",
+                                 "--out", str(run)])
     assert result.exit_code == 0, result.output
     (root / "empty").mkdir()
     (root / "a-file").write_text("not a run")

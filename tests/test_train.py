@@ -78,8 +78,8 @@ def test_resume_after_epoch_2_is_bitwise_identical(tmp_path: Path, model: str, e
 def test_resume_after_a_crash_past_the_checkpoint_trims_history(tmp_path: Path) -> None:
     """History lines logged after the last checkpoint are dropped and trained again."""
     run = tmp_path / "R"
-    ok("train", "multichannel", "--preset", "quick", "--epochs", "3", "--out", run, "--set", "checkpoint_every=2",
-       "--stop-after-epochs", "2")
+    ok("train", "multichannel", "--preset", "quick", "--epochs", "3", "--train-fraction", "0.1", "--out", run,
+       "--set", "checkpoint_every=2", "--stop-after-epochs", "2")
     lines = (run / "history.jsonl").read_text().splitlines()
     fake_epoch_3 = json.loads(lines[-1]) | {"epoch": 3, "train_loss": 123.0}
     (run / "history.jsonl").write_text("\n".join([*lines, json.dumps(fake_epoch_3)]) + "\n")
@@ -125,7 +125,8 @@ def test_missing_data_file_is_one_line(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "mc"
-    result = runner.invoke(app, ["train", "multichannel", "--preset", "quick", "--epochs", "1", "--out", str(run)])
+    result = runner.invoke(app, ["train", "multichannel", "--preset", "quick", "--epochs", "1", "--train-fraction", "0.1",
+                                 "--out", str(run)])
     assert result.exit_code == 0, result.output
     return run
 

@@ -37,7 +37,8 @@ class Payload:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("trained") / "R"
-    result = runner.invoke(app, ["train", "multichannel", "--preset", "quick", "--epochs", "1", "--out", str(run)])
+    result = runner.invoke(app, ["train", "multichannel", "--preset", "quick", "--epochs", "1", "--train-fraction", "0.1",
+                                 "--out", str(run)])
     assert result.exit_code == 0, result.output
     return run
 
