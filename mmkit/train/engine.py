@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmkit.data.datasets import Dataset, stratified_subset
@@ -65,7 +66,10 @@ class TrainOutcome:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from: Python's, torch's, and NumPy's global one (a model's
+    own code may draw from it: wav2vec2's SpecAugment masks)."""
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 
