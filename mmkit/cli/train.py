@@ -78,6 +78,11 @@ def train_cli(
     ] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Train on data holding NaN or Inf (refused otherwise).")] = False,
     input_: InputOption = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Starting weights: a .safetensors file, a sharded index.json, or a directory "
+                     "holding one (save_pretrained's); matched by name and shape. Never a pickle."),
+    ] = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -98,6 +103,7 @@ def train_cli(
         model=model, preset=preset, size=size, batch_size=batch, epochs=epochs, seed=seed,  # type: ignore[arg-type]
         train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
         nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite, inputs=inputs,
+        weights=weights,
     )
     if launch is not None:
         check_request(options)  # once, before any worker starts

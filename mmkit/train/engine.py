@@ -74,11 +74,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_training_model(
-    config: RunConfig, device: torch.device, reporter: Reporter, world: World = SINGLE
+    config: RunConfig, device: torch.device, reporter: Reporter, world: World = SINGLE, *, fresh: bool = True,
 ) -> MultimodalModel:
-    """The run's model on `device` (seed first): SyncBatchNorm across CUDA ranks, compiled in place
-    with `compile` (or a warning and eager mode where torch.compile cannot run)."""
+    """The run's model on `device` (seed first): a `fresh` run's starting weights loaded (`train
+    --weights`; a resume's come from its checkpoint), SyncBatchNorm across CUDA ranks, compiled in
+    place with `compile` (or a warning and eager mode where torch.compile cannot run)."""
     model = build_model(config.entry, config.model_config_object())
+    if fresh and config.weights:
+        from mmkit.models.weights import load_weights
+
+        plan = load_weights(model, config.weights["path"])
+        if world.is_main:
+            reporter.message(plan.describe())
     if world.distributed and device.type == "cuda":  # batch statistics over the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

@@ -72,7 +72,7 @@ def train_plain(
 
     # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible (and the same on every rank)
     seed_everything(recipe.seed)
-    model = build_training_model(config, device, reporter, world)
+    model = build_training_model(config, device, reporter, world, fresh=not resume)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     # every rank draws from rank 0's random streams (saved in checkpoints, restored on all ranks)
