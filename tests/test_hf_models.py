@@ -181,7 +181,7 @@ def test_train_kill_9_resume_is_bitwise_identical_and_eval_reads_the_run(models:
     whole = tmp_path / "whole"
     result = runner.invoke(app, [*args, "--out", str(whole)])
     assert result.exit_code == 0, result.output
-    assert f"weights: {len(last_model(whole))} tensors loaded from {models[name]} (100.0% of" in result.output
+    assert f"weights: {len(last_model(whole))} tensors loaded from {models[name]} (100.00% of" in result.output
     run_json = json.loads((whole / "run.json").read_text())
     assert run_json["model_source"]["kind"] == "hf" and run_json["weights"]["path"] == str(models[name])
     assert run_json["model_settings"]["feed"] == {INPUT_OF[name]: HF_NAME[INPUT_OF[name]]}
@@ -312,6 +312,24 @@ def test_bad_hf_input_is_one_line_and_exit_2(models: dict[str, Path], tmp_path: 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mmkit: error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "R" / "run.json").exists()
+
+
+def test_a_hub_id_without_network_says_what_was_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(repo_id: str, filename: str, **kwargs: object) -> str:
+        assert filename == "config.json"  # never weights
+        raise LocalEntryNotFoundError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # as on a machine that tries the network and has none
+    result = runner.invoke(app, ["count", "hf:owner/some-model"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "mmkit: error: model 'hf:owner/some-model': tried to read config.json of Hub repository 'owner/some-model' "
+        "(the config alone, no weights): not in the Hugging Face cache, and the Hub could not be reached; give a "
+        "local directory (hf:path/to/dir) or a model type (hf:vit)")
 
 
 def test_without_transformers_an_hf_spec_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 
 def _default_run_dir(model: str, preset: str, started: float | None = None) -> Path:
-    if ":" in model:  # a spec: runs/FILE-FACTORY-PRESET-TIME
+    if model.startswith("hf:"):  # runs/hf-NAME-PRESET-TIME, NAME the directory's, type's or repository's
+        model = "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model[3:].rstrip("/\\")).name or "model")
+    elif ":" in model:  # a spec: runs/FILE-FACTORY-PRESET-TIME
         target, _, attr = model.rpartition(":")
         model = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(target).stem if target.endswith('.py') else target}-{attr}")
     return Path("runs") / f"{model}-{preset}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"

@@ -60,20 +60,23 @@ OPTIONAL_ARGS = {  # fed when the data has them (no attention_mask: every token 
     "contrastive": ("attention_mask",),
 }
 # drawn at random in each training step, and shaping it: LayerDrop skips whole layers, SpecAugment
-# (wav2vec2, HuBERT, WavLM) overwrites a random set of frames by boolean indexing; off, as these values
-RANDOM_STRUCTURE = {"layerdrop": 0.0, "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "apply_spec_augment": False}
+# (wav2vec2, HuBERT, WavLM) overwrites a random set of frames by boolean indexing; switched off (these
+# values) when the model is built on the meta device (`build_module`)
+RANDOM_STRUCTURE = {"layerdrop": 0.0, "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0,
+                    "apply_spec_augment": False}
 DEFAULT_AUDIO_SAMPLES = 16_000  # raw-waveform models (wav2vec2, HuBERT, WavLM): one second at 16 kHz
 
 
 def transformers_module() -> Any:
     """transformers, imported (its logging quietened to errors), or one line saying what to install."""
     try:
-        import huggingface_hub  # noqa: F401
+        import huggingface_hub
         import transformers
     except ImportError:
         check_hf_installed("hf:")  # names the missing package
         raise
     transformers.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # a failed request is our one line, not its warning
     return transformers
 
 
@@ -84,8 +87,8 @@ def transformers_module() -> Any:
 class HFConfig(FactoryConfig):
     """A transformers model, serializable: its config dict, the task's head and its inputs.
 
-    `hf` is `PretrainedConfig.to_dict()` (nested configs included), without `num_labels`: the
-    head's width is `num_classes`, the data's classes (else the config's own labels). `inputs` are
+    `hf` is `PretrainedConfig.to_dict()` (nested configs included); the head is `num_classes` wide,
+    the data's classes (else the config's own labels, `label_count`). `inputs` are
     keyed by the data's tensor names; `feed` maps a tensor name to the library's argument when they
     differ (`image` → `pixel_values`)."""
 
@@ -208,15 +211,29 @@ def _hub_config(spec: str, repo_id: str) -> tuple[Any, str, dict[str, Any]]:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         file = hf_hub_download(repo_id, "config.json")
-    except Exception as exc:  # offline, no network, unknown repository, gated: the library says which
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        tried = ("not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline
-                 else f"not in the Hugging Face cache, and fetching it failed ({type(exc).__name__}: {reason})")
+    except Exception as exc:  # offline, no network, no such repository, gated: said in one line
+        tried = "not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline else _hub_failure(exc)
         raise MmkitError(f"model {spec!r}: tried to read config.json of Hub repository {repo_id!r} (the config alone, "
                          f"no weights): {tried}; give a local directory (hf:path/to/dir) or a model type "
                          f"(hf:vit)") from None
     data = json.loads(Path(file).read_text())
     return _config_from_dict(spec, data, repo_id), spec, {"kind": "hf", "config": f"hub:{repo_id}/config.json"}
+
+
+def _hub_failure(exc: Exception) -> str:
+    """Why huggingface_hub could not give a config.json, by its exception's kind."""
+    kind = type(exc).__name__
+    reasons = {
+        "LocalEntryNotFoundError": "not in the Hugging Face cache, and the Hub could not be reached",
+        "RepositoryNotFoundError": "the Hub has no such repository (or it is private: huggingface-cli login)",
+        "GatedRepoError": "the repository is gated: accept its terms on the Hub, then huggingface-cli login",
+        "EntryNotFoundError": "the repository has no config.json",
+        "RemoteEntryNotFoundError": "the repository has no config.json",
+    }
+    if kind in reasons:
+        return reasons[kind]
+    message = " ".join(str(exc).split())
+    return f"not in the Hugging Face cache, and fetching it failed ({kind}: {message[:160]})"
 
 
 def _config_from_dict(spec: str, data: Mapping[str, Any], where: str) -> Any:
@@ -299,7 +316,7 @@ def build_module(config: HFConfig) -> nn.Module:
     On the meta device (count, memory-plan), what a training step draws at random and shapes itself
     by is off (`RANDOM_STRUCTURE`): a shape-only tensor has no value to draw, and boolean indexing
     has no shape without one. LayerDrop off is the step that skips no layer, the largest; SpecAugment
-    off leaves out its masked frames' gradient (docs/hf-models.md says how much that is)."""
+    off leaves out its mask and indices (392 B at batch 8 for wav2vec2-base: docs/hf-models.md)."""
     cls = model_class(config)
     meta = torch.empty(0).device.type == "meta"
     drawn = {key: off for key, off in RANDOM_STRUCTURE.items() if config.hf.get(key)}

@@ -55,11 +55,11 @@ def weight_files(path: str) -> list[Path]:
                 raise MmkitError(f"--weights {path}: {where} holds {pickled[0]}, a pickle, which mmkit never loads "
                                  f"(unpickling runs code); {CONVERT}")
             raise MmkitError(f"--weights {path}: {where} has no {SINGLE_FILE} or {INDEX_FILE}")
-    if not where.is_file():
-        raise MmkitError(f"--weights {path}: file not found: {where}")
-    if where.name.endswith(PICKLE_SUFFIXES) or where.name.endswith(".bin.index.json"):
+    if where.name.endswith(PICKLE_SUFFIXES) or where.name.endswith(".bin.index.json"):  # by its name: never opened
         raise MmkitError(f"--weights {path}: {where.name} is a pickle, which mmkit never loads (unpickling runs "
                          f"code); {CONVERT}")
+    if not where.is_file():
+        raise MmkitError(f"--weights {path}: file not found: {where}")
     if where.name.endswith(".index.json"):
         try:
             weight_map = json.loads(where.read_text())["weight_map"]
@@ -110,7 +110,7 @@ class WeightsPlan:
 
     def describe(self) -> str:
         """One line: what was loaded, and what was not."""
-        parts = [f"weights: {len(self.mapping)} tensors loaded from {self.path} ({self.share:.1%} of the model's values)"]
+        parts = [f"weights: {len(self.mapping)} tensors loaded from {self.path} ({self.share:.2%} of the model's values)"]
         if self.mismatched:
             shown = ", ".join(f"{n}: file {list(a)}, model {list(b)}" for n, a, b in self.mismatched[:SHOWN])
             parts.append(f"{len(self.mismatched)} of another shape, left as initialized ({shown}"

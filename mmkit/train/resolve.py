@@ -275,6 +275,10 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
     entry = get_model_entry(options.model)
     model_sets, training_sets = options.set_options()
     recipe = _recipe(options)
+    if options.weights:  # a pickle or a missing file is refused before any data is read
+        from mmkit.models.weights import weight_files
+
+        weight_files(options.weights)
     given = options.flags()
     if recipe.size != "auto":  # an unknown size names the flag, --set or preset it came from
         try:
