@@ -118,6 +118,17 @@ def test_the_simulated_peak_is_a_real_cpu_step(models: dict[str, Path], name: st
     assert sum(train[c] for c in ("weights", "gradients", "optimizer", "activations", "other")) == train["peak_tensors"]
 
 
+@pytest.mark.slow
+def test_clip_of_the_default_config_is_fitted_to_the_laptop_gpu_offline() -> None:
+    """The issue's case: `memory-plan hf:clip --gpu rtx3050 --batch-size auto`, nothing downloaded
+    (about 10 s on an idle 2-core CPU: docs/hf-models.md)."""
+    doc = invoke("memory-plan", "hf:clip", "--gpu", "rtx3050", "--batch-size", "auto")
+    train = doc["train"]
+    assert doc["fits"] and doc["auto"]["batch_size"] and doc["why"]["next_batch"]["fits"] is False
+    assert sum(train[c] for c in ("weights", "gradients", "optimizer", "activations", "other")) == train["peak_tensors"]
+    assert train["weights"] >= 151_277_313 * 4  # CLIPModel(CLIPConfig())'s parameters, fp32
+
+
 TEST_GPU = """
 display_name = "test GPU (48 MiB)"
 vram_gib = 0.046875               # assumption: a made-up card for tests
