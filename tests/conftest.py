@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Nothing is downloaded in tests: huggingface_hub reads this when it is first imported (hf: models).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # The CPU's bf16 speed-up decides a preset's precision on a CPU (mmkit.plan.probe). Tests pin it, so
 # that every test sees the same precisions on any machine; tests/test_precision.py measures it.
 PINNED_BF16_SPEEDUP = "2.0"

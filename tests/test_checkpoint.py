@@ -11,6 +11,7 @@ import sys
 import tokenize
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -150,6 +151,8 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(123)
     random.seed(123)
     random.gauss(0, 1)  # leaves a cached gauss_next in Python's state
+    np.random.seed(123)
+    np.random.standard_normal()  # and a cached gaussian in NumPy's (models draw from it: SpecAugment masks)
     generator = torch.Generator().manual_seed(7)
     torch.rand(3, generator=generator)
 
@@ -159,7 +162,8 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
 
     def draw() -> tuple:
         python = random.random(), random.gauss(0, 1)
-        return torch.rand(4), torch.randn(2), *python, torch.rand(4, generator=generator)
+        numpy = float(np.random.standard_normal()), int(np.random.randint(1 << 30))
+        return torch.rand(4), torch.randn(2), *python, *numpy, torch.rand(4, generator=generator)
 
     first = draw()
     _, loaded, _ = load_checkpoint(path)

@@ -1,6 +1,6 @@
 """The command line answers help, version, completion and usage mistakes without loading torch
-(nor NumPy, safetensors, the model families or the data modules): a fresh process each, as a
-user's shell starts it."""
+(nor NumPy, safetensors, transformers, the model families or the data modules): a fresh process
+each, as a user's shell starts it."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ try:
 except SystemExit as stop:
     code = stop.code
 def heavy(name):
-    if name.partition(".")[0] in ("torch", "numpy", "safetensors"):
+    if name.partition(".")[0] in ("torch", "numpy", "safetensors", "transformers", "huggingface_hub"):
         return True
     if name.startswith("mmkit.models."):
         return name != "mmkit.models.catalog"
@@ -38,7 +38,7 @@ with open(report, "w") as f:
 sys.exit(code)
 """
 
-VALID = "valid: " + ", ".join(BUILTIN_MODELS) + " (or a spec: NAME, package.module:factory or path/to/file.py:factory)"
+VALID = "valid: " + ", ".join(BUILTIN_MODELS) + " (or a spec: NAME, package.module:factory, path/to/file.py:factory or hf:SPEC)"
 Ran = tuple[subprocess.CompletedProcess, list[str]]  # the process, and the heavy modules it imported
 
 
@@ -64,7 +64,7 @@ def test_help_and_version_load_no_torch(tmp_path: Path, args: tuple[str, ...]) -
 
 @pytest.mark.parametrize("args", [
     ("count", "multichannel", "--bogus"), ("train",), ("count", "nosuch"), ("train", "nosuch"),
-    ("memory-plan", "nosuch"),
+    ("memory-plan", "nosuch"), ("count", "hf:vit", "--bogus"),
 ], ids=" ".join)
 def test_usage_mistakes_are_one_line_without_torch(tmp_path: Path, args: tuple[str, ...]) -> None:
     result, heavy = mmkit(tmp_path, *args)

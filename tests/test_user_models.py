@@ -317,7 +317,7 @@ BAD = {
     "auto-size": (("memory-plan", "plain.py:build", *PLAIN_INPUTS, "--size", "auto", "--gpu", "rtx3050"),
                   "--size auto needs a size ladder"),
     "train-without-data": (("train", "plain.py:build", *PLAIN_INPUTS), "training needs data; give --data"),
-    "bad-spec": (("count", "plain.py:build-it"), "expected NAME, package.module:factory or path/to/file.py:factory"),
+    "bad-spec": (("count", "plain.py:build-it"), "expected NAME, package.module:factory, path/to/file.py:factory or hf:SPEC"),
 }
 
 

@@ -55,7 +55,7 @@ def _writes_to_terminal(file: Any) -> bool:
         return False
 
 
-MODEL_HELP = "Model: a registered name, package.module:factory or path/to/file.py:factory."
+MODEL_HELP = "Model: a registered name, package.module:factory, path/to/file.py:factory or hf:SPEC (Hugging Face)."
 InputOption = Annotated[
     list[str] | None,
     typer.Option("--input", help="A plain factory's input: NAME=D1xD2x...[:dtype[:high]] (repeatable), e.g. "

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 
 def _default_run_dir(model: str, preset: str, started: float | None = None) -> Path:
-    if ":" in model:  # a spec: runs/FILE-FACTORY-PRESET-TIME
+    if model.startswith("hf:"):  # runs/hf-NAME-PRESET-TIME, NAME the directory's, type's or repository's
+        model = "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model[3:].rstrip("/\\")).name or "model")
+    elif ":" in model:  # a spec: runs/FILE-FACTORY-PRESET-TIME
         target, _, attr = model.rpartition(":")
         model = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(target).stem if target.endswith('.py') else target}-{attr}")
     return Path("runs") / f"{model}-{preset}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
@@ -82,6 +84,11 @@ def train_cli(
         int | None, typer.Option("--target-batch", min=1, help="Samples per optimizer step: run the fastest "
                                  "precision, checkpointing and micro-batch × accumulation that fit (see memory-plan).")
     ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Starting weights: a .safetensors file, a sharded index.json, or a directory "
+                     "holding one (save_pretrained's); matched by name and shape. Never a pickle."),
+    ] = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
@@ -103,6 +110,7 @@ def train_cli(
         train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
         nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite, inputs=inputs,
         target_batch=target_batch,
+        weights=weights,
     )
     if launch is not None:
         check_request(options)  # once, before any worker starts

@@ -18,7 +18,9 @@ BUILTIN_MODELS = ("clip", "fusion", "lfm2", "multichannel", "separate")
 
 
 ENTRY_POINT_GROUP = "mmkit.models"  # installed packages register families under this group
-SPEC_FORMS = "NAME, package.module:factory or path/to/file.py:factory"
+SPEC_FORMS = "NAME, package.module:factory, path/to/file.py:factory or hf:SPEC"
+HF_INSTALL = "pip install 'mmkit-cli[hf]'"
+HF_SETTING_KEYS = ("task", "seq_len")  # an hf: model's own settings, also taken without `model.`
 INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "uint8")
 
 
@@ -31,9 +33,6 @@ def entry_point_models() -> list[str]:
 
 def split_spec(spec: str) -> tuple[str, str, bool]:
     """`package.module:factory` or `path/to/file.py:factory` → (module or path, attribute, is a file)."""
-    if spec.startswith("hf:"):
-        raise MmkitError(f"model {spec!r}: Hugging Face specs (hf:...) are not supported by this version; "
-                         f"give a module's factory instead ({SPEC_FORMS})")
     target, _, attr = spec.rpartition(":")
     if not target or not attr or not all(part.isidentifier() for part in attr.split(".")):
         raise MmkitError(f"model spec {spec!r}: expected {SPEC_FORMS}")
@@ -46,11 +45,37 @@ def split_spec(spec: str) -> tuple[str, str, bool]:
 def check_model_name(name: str) -> None:
     """The registry's unknown-model error (same line, same exit code), without loading the registry:
     a spec's form is checked, a plain name must be built in or offered by an installed package."""
-    if ":" in name:
+    if is_hf_spec(name):
+        check_hf_installed(name)
+    elif ":" in name:
         split_spec(name)
     elif name not in BUILTIN_MODELS and name not in entry_point_models():
         error = unknown_choice("model", name, [*BUILTIN_MODELS, *entry_point_models()])
         raise MmkitError(f"{error} (or a spec: {SPEC_FORMS})")
+
+
+def is_hf_spec(name: str) -> bool:
+    """`hf:SPEC`: a Hugging Face transformers model (mmkit.models.hf)."""
+    return name.startswith("hf:")
+
+
+def check_hf_installed(spec: str) -> None:
+    """One line saying what to install when transformers or huggingface_hub is missing (found
+    without importing them)."""
+    import importlib.util
+    import sys
+
+    for package in ("transformers", "huggingface_hub"):
+        if package in sys.modules:
+            present = sys.modules[package] is not None
+        else:
+            try:
+                present = importlib.util.find_spec(package) is not None
+            except (ImportError, ValueError):
+                present = False
+        if not present:
+            raise MmkitError(f"model {spec!r}: hf: models need transformers and huggingface_hub ({package} is not "
+                             f"installed): {HF_INSTALL}")
 
 
 def parse_input_option(text: str) -> tuple[str, dict[str, Any]]:

@@ -92,6 +92,9 @@ class FactoryConfig(ModelConfig):
     def input_specs(self) -> dict[str, InputSpec]:
         return {name: decl.spec() for name, decl in self.inputs.items()}
 
+    def check_trainable(self, spec: str) -> None:
+        """Raise MmkitError when the model can be counted and planned but not trained."""
+
 
 class ModuleModel(MultimodalModel):
     """A user's module with the model contract: `forward(**inputs)` calls `net(**inputs)`.

@@ -31,8 +31,8 @@ from mmkit.models.base import (  # noqa: F401  (logits_of, register_model: part 
     register_model,
     registered,
 )
+from mmkit.models.catalog import SPEC_FORMS, entry_point_models, is_hf_spec, parse_override_value  # noqa: F401
 from mmkit.models.module import FactoryConfig
-from mmkit.models.catalog import SPEC_FORMS, entry_point_models, parse_override_value  # noqa: F401
 
 
 _WIDTH_SIZE = re.compile(r"w(\d+)")
@@ -58,6 +58,10 @@ def get_model_entry(name: str) -> ModelEntry:
     """The entry of a model spec (see mmkit.models.spec): a registered or installed family's name,
     `package.module:factory` or `path/to/file.py:factory`."""
     _ensure_families_loaded()
+    if is_hf_spec(name):
+        from mmkit.models.hf import resolve_hf_spec
+
+        return resolve_hf_spec(name)
     if ":" in name:
         from mmkit.models.spec import resolve_spec
 

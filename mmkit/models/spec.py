@@ -198,6 +198,10 @@ def complete_factory_config(
     `num_classes`. When the factory takes a `num_classes` argument, the data's classes are passed."""
     builder = entry.build
     assert isinstance(builder, FactoryBuilder)
+    complete = getattr(builder, "complete_config", None)
+    if complete is not None:  # a builder that settles its own config (hf: models, mmkit.models.hf)
+        return complete(entry, config, inputs=inputs, data_inputs=data_inputs, num_classes=num_classes,
+                        need_logits=need_logits)
     spec = entry.name
     if num_classes is not None and "num_classes" not in config.kwargs and accepts(builder.factory, "num_classes"):
         config = config.with_kwargs({"num_classes": num_classes})

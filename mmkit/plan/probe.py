@@ -201,7 +201,9 @@ def _describe(module: nn.Module, sample_shape: tuple[int, ...], output: torch.Te
             tuple(module.dilation), module.groups, module.bias is not None)
     per_output = 2 * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     outputs_per_sample = output[0].numel()
-    return LayerShape(type(module).__name__, args, sample_shape, per_output * outputs_per_sample, 1)
+    # the torch class, not the module's own (a weight-normed conv is a `ParametrizedConv1d`)
+    kind = next(c.__name__ for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(module, c))
+    return LayerShape(kind, args, sample_shape, per_output * outputs_per_sample, 1)
 
 
 def dominant(shapes: list[LayerShape]) -> list[LayerShape]:

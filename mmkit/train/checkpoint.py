@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -575,7 +576,10 @@ def rng_state_to_tensors(prefix: str = "rng", cuda_device: int | None = None) ->
 
     `<prefix>.torch` (CPU generator, uint8), `<prefix>.cuda.<i>` per CUDA device when CUDA is
     available, `<prefix>.python.state` (int64 [626]: `random.getstate()`'s version and its 625
-    Mersenne Twister words) and `<prefix>.python.gauss_next` (float64 [0] or [1]).
+    Mersenne Twister words), `<prefix>.python.gauss_next` (float64 [0] or [1]), and NumPy's
+    global generator, which models draw from too (wav2vec2's SpecAugment masks):
+    `<prefix>.numpy.state` (int64 [626]: its 624 Mersenne Twister words, position, has-gauss) and
+    `<prefix>.numpy.gauss` (float64 [1]).
 
     `cuda_device` (a data-parallel process's GPU): only that device's state, stored as
     `<prefix>.cuda.0`, so that no process touches (and creates a context on) another's GPU.
@@ -591,6 +595,9 @@ def rng_state_to_tensors(prefix: str = "rng", cuda_device: int | None = None) ->
     tensors[f"{prefix}.python.gauss_next"] = torch.tensor(
         [] if gauss_next is None else [gauss_next], dtype=torch.float64
     )
+    _, words, position, has_gauss, cached_gaussian = np.random.get_state()
+    tensors[f"{prefix}.numpy.state"] = torch.tensor([*words.tolist(), position, has_gauss], dtype=torch.int64)
+    tensors[f"{prefix}.numpy.gauss"] = torch.tensor([cached_gaussian], dtype=torch.float64)
     return tensors
 
 
@@ -616,6 +623,10 @@ def restore_rng_state(tensors: Mapping[str, Tensor], prefix: str = "rng", cuda_d
     version, *internal = (int(v) for v in tensors[f"{prefix}.python.state"].tolist())
     gauss = tensors[f"{prefix}.python.gauss_next"].tolist()
     random.setstate((version, tuple(internal), gauss[0] if gauss else None))
+    if f"{prefix}.numpy.state" in tensors:  # checkpoints written before mmkit saved it have none
+        *words, position, has_gauss = tensors[f"{prefix}.numpy.state"].tolist()
+        np.random.set_state(("MT19937", np.array(words, dtype=np.uint32), int(position), int(has_gauss),
+                             float(tensors[f"{prefix}.numpy.gauss"].item())))
 
 
 def generator_state_to_tensor(generator: torch.Generator) -> Tensor:

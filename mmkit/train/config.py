@@ -53,6 +53,7 @@ class RunConfig(BaseModel):
     fit: dict[str, Any] | None = None  # what `auto` chose and for which GPU
     precision_probe: dict[str, Any] | None = None  # the CPU's measured bf16 speed-up that chose `precision`
     model_source: dict[str, Any] | None = None  # a model spec's origin: a file's path and sha256, a module
+    weights: dict[str, Any] | None = None  # `train --weights`: the safetensors the run started from
     notes: list[str] = []
     resume_overrides: list[ResumeOverride] = []  # what `resume --set` changed, oldest first
     mmkit_version: str = __version__
@@ -66,6 +67,10 @@ class RunConfig(BaseModel):
 
     @property
     def entry(self) -> ModelEntry:
+        if (self.model_source or {}).get("kind") == "hf":  # run.json holds the whole config: nothing to read
+            from mmkit.models.hf import HFConfig, hf_entry
+
+            return hf_entry(self.model, HFConfig.model_validate(self.model_settings), self.model_source)
         return get_model_entry(self.model)
 
     def model_config_object(self) -> ModelConfig:

@@ -328,7 +328,7 @@ def train_continual(
     stream = TaskStream.build(config, dataset)
 
     seed_everything(recipe.seed)
-    model = build_image_text_model(config, device, reporter)
+    model = build_image_text_model(config, device, reporter, fresh=not resume)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     memory = ContinualState.fresh(recipe.buffer_size, recipe.seed, len(dataset))
@@ -366,9 +366,10 @@ def train_continual(
     return TrainOutcome(run_dir, last_epoch, finished, test)
 
 
-def build_image_text_model(config: RunConfig, device: torch.device, reporter: Reporter) -> MultimodalModel:
+def build_image_text_model(config: RunConfig, device: torch.device, reporter: Reporter, *,
+                           fresh: bool = True) -> MultimodalModel:
     """The run's model, which must have a text tower; frozen there with `freeze_text_encoder`."""
-    model = build_training_model(config, device, reporter)
+    model = build_training_model(config, device, reporter, fresh=fresh)
     if not hasattr(model, "encode_text"):
         raise MmkitError(f"continual training needs an image-text model (clip, fusion); {config.model!r} is not one")
     if config.training.freeze_text_encoder:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmkit.data.datasets import Dataset, stratified_subset
@@ -65,16 +66,26 @@ class TrainOutcome:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from: Python's, torch's, and NumPy's global one (a model's
+    own code may draw from it: wav2vec2's SpecAugment masks)."""
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def build_training_model(
-    config: RunConfig, device: torch.device, reporter: Reporter, world: World = SINGLE
+    config: RunConfig, device: torch.device, reporter: Reporter, world: World = SINGLE, *, fresh: bool = True,
 ) -> MultimodalModel:
-    """The run's model on `device` (seed first): SyncBatchNorm across CUDA ranks, compiled in place
-    with `compile` (or a warning and eager mode where torch.compile cannot run)."""
+    """The run's model on `device` (seed first): a `fresh` run's starting weights loaded (`train
+    --weights`; a resume's come from its checkpoint), SyncBatchNorm across CUDA ranks, compiled in
+    place with `compile` (or a warning and eager mode where torch.compile cannot run)."""
     model = build_model(config.entry, config.model_config_object())
+    if fresh and config.weights:
+        from mmkit.models.weights import load_weights
+
+        plan = load_weights(model, config.weights["path"])
+        if world.is_main:
+            reporter.message(plan.describe())
     if world.distributed and device.type == "cuda":  # batch statistics over the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

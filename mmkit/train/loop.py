@@ -72,7 +72,7 @@ def train_plain(
 
     # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible (and the same on every rank)
     seed_everything(recipe.seed)
-    model = build_training_model(config, device, reporter, world)
+    model = build_training_model(config, device, reporter, world, fresh=not resume)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     # every rank draws from rank 0's random streams (saved in checkpoints, restored on all ranks)
@@ -87,11 +87,15 @@ def train_plain(
     reporter.start(config, _resumed_from(restored, steps_per_epoch, world.size) if restored else None)
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     if forecast and world.is_main:
-        predicted = predict_run(
-            config.entry, config.model_config_object(), precision=config.precision, device_type=device.type,
-            batch_size=batch_size, train_samples=len(train_idx), val_samples=len(val_idx),
-            epochs=recipe.epochs - engine.state.epoch, size=config.size, train_fraction=recipe.train_fraction,
-        )
+        # the forecast builds the model (on the meta device) after a resume restored the random state: a
+        # module that draws while it is built (a legacy `torch.Tensor(n).uniform_()` ignores the meta
+        # device) must not move the run's generator
+        with torch.random.fork_rng(devices=[]):
+            predicted = predict_run(
+                config.entry, config.model_config_object(), precision=config.precision, device_type=device.type,
+                batch_size=batch_size, train_samples=len(train_idx), val_samples=len(val_idx),
+                epochs=recipe.epochs - engine.state.epoch, size=config.size, train_fraction=recipe.train_fraction,
+            )
         stop.typical_step_seconds = predicted.step_seconds
         reporter.forecast(predicted)
         engine.after_step = _measured_forecast(predicted, reporter)

@@ -28,6 +28,7 @@ import torch
 from mmkit.data.checks import check_set_matches_data
 from mmkit.data.datasets import absolute_data_spec
 from mmkit.errors import MmkitError
+from mmkit.models.catalog import HF_SETTING_KEYS, is_hf_spec
 from mmkit.models.module import FactoryConfig, InputDecl
 from mmkit.models.registry import (
     ModelConfig,
@@ -87,6 +88,7 @@ class RunOptions:
     allow_nonfinite: bool = False  # train on data holding NaN or Inf (refused otherwise)
     inputs: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # `--input`: a plain factory's inputs, parsed
     target_batch: int | None = None  # `--target-batch`: search precision, checkpointing and accumulation
+    weights: str | None = None  # `--weights`: starting weights (safetensors), loaded before training
 
     def flags(self) -> dict[str, Any]:
         """The training settings given as flags (the ones not given are left out)."""
@@ -96,8 +98,10 @@ class RunOptions:
         return {key: value for key, value in values.items() if value is not None}
 
     def set_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """`--set` split into model settings (`model.KEY`) and training settings."""
-        return split_set_options(dict(self.set_items))
+        """`--set` split into model settings (`model.KEY`) and training settings; an hf: model also
+        takes its `task` and `seq_len` without the prefix."""
+        model_keys = HF_SETTING_KEYS if is_hf_spec(self.model) else ()
+        return split_set_options(dict(self.set_items), model_keys)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class ResolvedRun:
     notes: tuple[str, ...] = ()
     dataset: Dataset | None = field(default=None, repr=False)
     search: SearchResult | None = None  # the ranked ways to train at `--target-batch`
+    weights: dict[str, Any] | None = None  # `--weights`, checked against the model (run.json's `weights`)
 
     @property
     def batch_size(self) -> int:
@@ -148,7 +153,7 @@ class ResolvedRun:
             preset=self.options.preset, training=TrainingRecipe.model_validate(self.recipe.model_dump()),
             data=absolute_data_spec(self.data), data_seed=self.data_seed, device=self.device, precision=self.precision.precision,
             fit=self.fit_record(), notes=list(self.notes), precision_probe=self.precision.probe,
-            model_source=dict(self.entry.source) if self.entry.source else None,
+            model_source=dict(self.entry.source) if self.entry.source else None, weights=self.weights,
         )
 
     def with_seed(self, seed: int) -> ResolvedRun:
@@ -161,11 +166,11 @@ class ResolvedRun:
 # The recipe
 
 
-def split_set_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`--set` keys: `model.*` go to the model, the rest are training settings."""
+def split_set_options(options: Mapping[str, Any], model_keys: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--set` keys: `model.*` (and `model_keys`) go to the model, the rest are training settings."""
     model, training = {}, {}
     for key, value in options.items():
-        if key.startswith("model."):
+        if key.startswith("model.") or key in model_keys:
             model[key.removeprefix("model.")] = value
         elif key in TRAINING_KEYS:
             training[key] = value
@@ -278,6 +283,10 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
     entry = get_model_entry(options.model)
     model_sets, training_sets = options.set_options()
     recipe = _recipe(options)
+    if options.weights:  # a pickle or a missing file is refused before any data is read
+        from mmkit.models.weights import weight_files
+
+        weight_files(options.weights)
     given = options.flags()
     if recipe.size != "auto":  # an unknown size names the flag, --set or preset it came from
         try:
@@ -355,12 +364,27 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
     if recipe.tasks:  # continual: the run's epochs are the whole stream's
         _check_continual_model(entry, config, options, recipe, given, training_sets)
         resolved_recipe = resolved_recipe.model_copy(update={"epochs": recipe.tasks * recipe.epochs_per_task})
+    weights = _check_weights(entry, config, options.weights) if options.weights else None
     return ResolvedRun(
         options=options, entry=entry, size=size_name, config=config, recipe=resolved_recipe, data=data_spec,
         data_seed=data_seed, input_shapes=shapes, num_classes=num_classes, device=device, precision=choice,
         gpu=gpu, fit=fit, auto_size=recipe.size == "auto", auto_batch=recipe.batch_size == "auto",
-        notes=tuple(notes), dataset=dataset, search=search,
+        notes=tuple(notes), dataset=dataset, search=search, weights=weights,
     )
+
+
+def _check_weights(entry: ModelEntry, config: ModelConfig, path: str) -> dict[str, Any]:
+    """`--weights`, matched to the model built on the meta device (headers read, no tensor): one line
+    when it is a pickle or none of its tensors is the model's. What run.json records."""
+    import os
+
+    from mmkit.models.weights import plan_weights
+
+    with torch.device("meta"):
+        model = build_model(entry, config)
+    plan = plan_weights(model, path)
+    return {"path": os.path.abspath(os.path.expanduser(path.removeprefix("hf:"))),
+            "files": [str(f.resolve()) for f in plan.files]}
 
 
 def _factory_model(
@@ -396,6 +420,8 @@ def _factory_model(
     assert isinstance(base, FactoryConfig)
     config = complete_factory_config(entry, base.with_kwargs(model_sets), inputs=inputs, data_inputs=data_inputs,
                                      num_classes=num_classes)
+    if not simulate:
+        config.check_trainable(entry.name)
     if dataset is not None:  # dtypes, unused tensors, NaN/Inf, labels (mmkit.data.checks)
         dataset, data_notes = check_data_for_model(dataset, config.input_specs(), training=True,
                                                    allow_nonfinite=options.allow_nonfinite)
