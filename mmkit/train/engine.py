@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> None:
     """Seed every generator a run draws from: Python's, torch's, and NumPy's global one (a model's
     own code may draw from it: wav2vec2's SpecAugment masks)."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy's legacy seed is 32 bits; mmkit's seeds go up to 2**63 - 1
     torch.manual_seed(seed)
 
 

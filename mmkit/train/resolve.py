@@ -394,15 +394,15 @@ def _factory_model(
     """A plain factory's entry with its one config settled (keyword arguments, inputs, classes),
     the recipe with the size it has, and the data when there is some (train always needs it)."""
     if recipe.size not in ("auto", "default", entry.default_size):
-        raise MmkitError(f"model {entry.name!r} is a plain factory: it has one size (default), not {recipe.size!r}; "
-                         "pass its keyword arguments with --set model.KEY=VALUE")
+        raise MmkitError(f"model {entry.name!r} has one size (default), not {recipe.size!r}; "
+                         "pass its settings with --set model.KEY=VALUE")
     if recipe.size == "auto":
         given = options.flags()
         _, training_sets = options.set_options()
         if "size" in given or "size" in training_sets:
-            raise MmkitError(f"--size auto needs a size ladder, and model {entry.name!r} is a plain factory; register "
+            raise MmkitError(f"--size auto needs a size ladder, and model {entry.name!r} has one size; register "
                              "it with @register_model (sizes and a ladder) to fit its width, or fit only the batch")
-        notes.append(f"size: model {entry.name!r} is a plain factory (no size ladder to fit), so the preset's size "
+        notes.append(f"size: model {entry.name!r} has one size (no size ladder to fit), so the preset's size "
                      "auto fits only the batch")
         recipe = recipe.model_copy(update={"size": entry.default_size})
     dataset, data_inputs, num_classes = None, None, None
