@@ -73,3 +73,27 @@ engine.StepRunner.step = killing_step
 sys.argv = ["mmkit", *sys.argv[2:]]
 main()
 """
+
+
+TEST_GPU = """
+display_name = "test GPU ({vram} GiB)"
+vram_gib = {vram}                 # assumption: a made-up card for tests
+margin = 0.05                     # assumption
+precisions = ["fp32", "bf16"]     # assumption
+memory_bandwidth_gb_s = 100.0     # assumption
+[peak_tflops]
+fp32 = 1.0                        # assumption
+bf16 = 2.0                        # assumption
+[overhead]
+cuda_context_mib = 16.0           # assumption
+workspace_mib = 4.0               # assumption
+allocator_reserve_fraction = 0.05 # assumption
+"""
+
+
+def write_test_gpus(folder: Path, vram_gib: dict[str, float]) -> Path:
+    """GPU presets `name → VRAM in GiB` under folder/gpus (point MMKIT_PRESET_PATH at folder)."""
+    (folder / "gpus").mkdir(parents=True, exist_ok=True)
+    for name, vram in vram_gib.items():
+        (folder / "gpus" / f"{name}.toml").write_text(TEST_GPU.format(vram=vram))
+    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from runhelpers import write_test_gpus
 
 from mmkit.models import get_model_entry
 from mmkit.models.registry import size_config
@@ -17,28 +18,11 @@ from mmkit.plan.memory import (
 )
 from mmkit.settings import GpuPreset, load_gpu_preset
 
-SMALL_GPU = """
-display_name = "test GPU ({vram} GiB)"
-vram_gib = {vram}                 # assumption: a made-up card for tests
-margin = 0.05                     # assumption
-precisions = ["fp32", "bf16"]     # assumption
-memory_bandwidth_gb_s = 100.0     # assumption
-[peak_tflops]
-fp32 = 1.0                        # assumption
-bf16 = 2.0                        # assumption
-[overhead]
-cuda_context_mib = 16.0           # assumption
-workspace_mib = 4.0               # assumption
-allocator_reserve_fraction = 0.05 # assumption
-"""
 
 
 @pytest.fixture
 def small_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[GpuPreset]:
-    (tmp_path / "gpus").mkdir()
-    for name, vram in (("gpu-100m", 0.1), ("gpu-250m", 0.25)):
-        (tmp_path / "gpus" / f"{name}.toml").write_text(SMALL_GPU.format(vram=vram))
-    monkeypatch.setenv("MMKIT_PRESET_PATH", str(tmp_path))
+    monkeypatch.setenv("MMKIT_PRESET_PATH", str(write_test_gpus(tmp_path, {"gpu-100m": 0.1, "gpu-250m": 0.25})))
     return [load_gpu_preset("gpu-100m"), load_gpu_preset("gpu-250m")]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import assert_bitwise_equal, last_model, losses
+from runhelpers import KILL_BEFORE_STEP_DRIVER, assert_bitwise_equal, last_model, losses, write_test_gpus
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -129,28 +129,10 @@ def test_clip_of_the_default_config_is_fitted_to_the_laptop_gpu_offline() -> Non
     assert train["weights"] >= 151_277_313 * 4  # CLIPModel(CLIPConfig())'s parameters, fp32
 
 
-TEST_GPU = """
-display_name = "test GPU (48 MiB)"
-vram_gib = 0.046875               # assumption: a made-up card for tests
-margin = 0.05                     # assumption
-precisions = ["fp32", "bf16"]     # assumption
-memory_bandwidth_gb_s = 100.0     # assumption
-[peak_tflops]
-fp32 = 1.0                        # assumption
-bf16 = 2.0                        # assumption
-[overhead]
-cuda_context_mib = 16.0           # assumption
-workspace_mib = 4.0               # assumption
-allocator_reserve_fraction = 0.05 # assumption
-"""
-
-
 @pytest.mark.parametrize("name", ["clip", "vit", "wav2vec2", "bert"])
 def test_the_auto_batch_is_the_largest_that_fits(models: dict[str, Path], name: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "gpus").mkdir()
-    (tmp_path / "gpus" / "gpu-48m.toml").write_text(TEST_GPU)
-    monkeypatch.setenv("MMKIT_PRESET_PATH", str(tmp_path))
+    monkeypatch.setenv("MMKIT_PRESET_PATH", str(write_test_gpus(tmp_path, {"gpu-48m": 0.046875})))
     extra = ("--set", "model.seq_len=400") if name == "wav2vec2" else ()
     doc = invoke("memory-plan", f"hf:{models[name]}", *extra, "--gpu", "gpu-48m", "--batch-size", "auto",
                  "--set", "max_batch_size=1000000", "--precision", "fp32")
@@ -162,22 +144,6 @@ def test_the_auto_batch_is_the_largest_that_fits(models: dict[str, Path], name: 
 
 TRAIN = ("--epochs", "2", "--batch-size", "8", "--train-fraction", "1", "--set", "precision=fp32",
          "--set", "checkpoint_every_steps=3")
-KILL_DRIVER = """
-import os, signal, sys
-import mmkit.train.engine as engine
-from mmkit.cli.app import main
-
-at, calls = int(sys.argv[1]), [0]
-step = engine.StepRunner.step
-def killing_step(self, *args, **kwargs):  # `kill -9` before optimizer step number `at` starts
-    calls[0] += 1
-    if calls[0] == at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return step(self, *args, **kwargs)
-engine.StepRunner.step = killing_step
-sys.argv = ["mmkit", *sys.argv[2:]]
-main()
-"""
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -185,7 +151,7 @@ def test_train_kill_9_resume_is_bitwise_identical_and_eval_reads_the_run(models:
                                                                           name: str) -> None:
     args = ("train", f"hf:{models[name]}", "--data", str(models["data"]), "--weights", str(models[name]), *TRAIN)
     driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER)
+    driver.write_text(KILL_BEFORE_STEP_DRIVER)
     killed = tmp_path / "killed"  # started first: it runs while the whole run trains here
     process = subprocess.Popen([sys.executable, str(driver), "7", *args, "--out", str(killed)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,35 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
-from runhelpers import history
+from runhelpers import history, write_test_gpus
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
 
 runner = CliRunner()
 
-SMALL_GPU = """
-display_name = "test GPU ({vram} GiB)"
-vram_gib = {vram}                 # assumption: a made-up card for tests
-margin = 0.05                     # assumption
-precisions = ["fp32", "bf16"]     # assumption
-memory_bandwidth_gb_s = 100.0     # assumption
-[peak_tflops]
-fp32 = 1.0                        # assumption
-bf16 = 2.0                        # assumption
-[overhead]
-cuda_context_mib = 16.0           # assumption
-workspace_mib = 4.0               # assumption
-allocator_reserve_fraction = 0.05 # assumption
-"""
-
-
 @pytest.fixture
 def tiny_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A 72 MiB card: the multichannel model fits, but not a batch of 256 at once."""
-    (tmp_path / "gpus").mkdir()
-    (tmp_path / "gpus" / "gpu-70m.toml").write_text(SMALL_GPU.format(vram=0.07))
-    monkeypatch.setenv("MMKIT_PRESET_PATH", str(tmp_path))
+    monkeypatch.setenv("MMKIT_PRESET_PATH", str(write_test_gpus(tmp_path, {"gpu-70m": 0.07})))
     return "gpu-70m"
 
 

@@ -31,9 +31,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-CONVERT = ("convert it to safetensors once, where you trust the file: python -c \"import torch; from "
-           "safetensors.torch import save_file; save_file(torch.load('pytorch_model.bin', weights_only=True), "
-           "'model.safetensors')\"")
+CONVERT = ("convert it to safetensors once, where you trust the file: python -c \"from transformers import "
+           "AutoModel; AutoModel.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"")
 LEGACY_NAMES = ((".gamma", ".weight"), (".beta", ".bias"), (".weight_g", ".parametrizations.weight.original0"),
                 (".weight_v", ".parametrizations.weight.original1"))
 SHOWN = 6  # names listed in the one line, per kind
