@@ -66,6 +66,9 @@ def memory_plan_cli(
                                  "--precision is given), activation checkpointing (unless --[no-]grad-checkpointing is "
                                  "given) and micro-batch × accumulation = N, ranked by predicted speed.")
     ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Simulate again instead of reusing cached simulations (MMKIT_NO_CACHE=1).")
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Simulate training memory by category on fake tensors and fit size and batch to a GPU:
@@ -98,7 +101,10 @@ def memory_plan_cli(
             f"--prefer {prefer} only applies when size and batch are both auto "
             f"(here size {recipe.size}, batch {recipe.batch_size})"
         )
-    plan = plan_request(options, measure=measure)
+    from mmkit.cache import bypassed
+
+    with bypassed(no_cache):
+        plan = plan_request(options, measure=measure)
     for note in plan.notes:  # after every input check: an error stays the only line
         err_console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     if json_output:
@@ -237,7 +243,8 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
         reasons.append(f"batch {fit.batch_size} is the preset's cap (max_batch_size)")
     for reason in filter(None, reasons):
         console.print(f"  why: {reason}")
-    console.print(f"[dim]{fit.simulations} training steps simulated on fake tensors.[/dim]")
+    cached = f" ({fit.cached} from the simulation cache; --no-cache simulates again)" if fit.cached else ""
+    console.print(f"[dim]{fit.simulations} training steps simulated on fake tensors{cached}.[/dim]")
 
     if plan.time is not None and not plan.has_data:
         t = plan.time

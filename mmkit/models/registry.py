@@ -169,9 +169,20 @@ def data_overrides(
 
 
 def family_input_specs(entry: ModelEntry) -> dict[str, InputSpec]:
-    """The inputs every size of `entry` takes (names and dtypes; widths are the default size's)."""
-    with torch.device("meta"):
-        return build_model(entry, entry.sizes[entry.default_size]).input_specs()
+    """The inputs every size of `entry` takes (names and dtypes; widths are the default size's; cached)."""
+    from mmkit.cache import cached, model_key
+
+    config = entry.sizes[entry.default_size]
+
+    def specs() -> dict[str, InputSpec]:
+        with torch.device("meta"):
+            return build_model(entry, config).input_specs()
+
+    return cached(
+        "inputs", model_key(entry, config), specs,
+        encode=lambda v: {k: [list(i.shape), str(i.dtype).removeprefix("torch."), i.high] for k, i in v.items()},
+        decode=lambda v: {k: InputSpec(tuple(shape), getattr(torch, dtype), high) for k, (shape, dtype, high) in v.items()},
+    )
 
 
 def build_model(entry: ModelEntry, config: ModelConfig) -> MultimodalModel:

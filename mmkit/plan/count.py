@@ -145,6 +145,19 @@ def count_flops(model: MultimodalModel, batch_size: int) -> FlopCount:
     return FlopCount(batch_size=batch_size, forward_flops=forward, train_flops=total)
 
 
+def config_flops(entry: ModelEntry, config: ModelConfig) -> FlopCount:
+    """`count_flops` at batch 1 of `entry` built with `config` in training mode (meta device, cached)."""
+    from mmkit.cache import cached, model_key
+
+    def count() -> FlopCount:
+        with torch.device("meta"):
+            model = build_model(entry, config)
+        return count_flops(model.train(), 1)
+
+    return cached("flops", model_key(entry, config), count, encode=lambda f: [f.batch_size, f.forward_flops,
+                  f.train_flops], decode=lambda v: FlopCount(*map(int, v)))
+
+
 def count_model(
     name: str,
     size: str | None = None,

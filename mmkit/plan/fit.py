@@ -69,9 +69,10 @@ class FitResult:
     next_width: Candidate | None  # the next larger ladder width at the minimum batch
     next_batch: Candidate | None  # batch + 1 at the chosen size
     batch_cap_reached: bool
-    simulations: int
+    simulations: int  # training steps evaluated, `cached` of them answered by the simulation cache
     considered: list[Candidate]
     rigs: dict[str, FakeTrainingRig] = field(default_factory=dict, repr=False)  # for reuse
+    cached: int = 0
 
 
 class _Evaluator:
@@ -289,4 +290,5 @@ def fit_to_budget(
         simulations=evaluate.simulations,
         considered=list(evaluate.cache.values()),
         rigs=evaluate.rigs,
+        cached=sum(rig.cache_hits for rig in evaluate.rigs.values()),
     )

@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mmkit.errors import MmkitError
 from mmkit.models.registry import ModelConfig, ModelEntry, MultimodalModel, build_model
+from mmkit.cache import cached, lookup, model_key, store
 from mmkit.plan.tracker import (
     CATEGORIES,
     CUDA_ALLOCATION_GRANULE,
@@ -134,15 +135,24 @@ def _warm_optimizer_state(model: MultimodalModel, optimizer: torch.optim.Optimiz
 class FakeTrainingRig:
     """A model, its optimizer (state already created) and scaler on fake tensors.
 
-    Built once per model config and reused for every simulated batch size: memory does not
-    depend on values, and a steady-state step leaves the rig as it found it.
+    Built once per model config, on first need, and reused for every simulated batch size: memory
+    does not depend on values, and a steady-state step leaves the rig as it found it. Results are
+    looked up in the simulation cache (mmkit.cache) first; a rig whose every answer was
+    cached never builds its model.
     """
 
     def __init__(self, entry: ModelEntry, config: ModelConfig, step: StepSettings) -> None:
-        self.step = step
+        self.entry, self.config, self.step = entry, config, step
         self.granule = CUDA_ALLOCATION_GRANULE if step.gpu_target else 1
+        self._built = False
+        self.cache_hits = 0  # training steps answered by the simulation cache
+
+    def _build(self) -> None:
+        if self._built:
+            return
+        step = self.step
         self.mode = FakeTensorMode()
-        self.model = _fake_model(entry, config, self.mode)
+        self.model = _fake_model(self.entry, self.config, self.mode)
         with self.mode:
             self.optimizer = build_optimizer(
                 self.model, step.optimizer, PLAN_LR, PLAN_WEIGHT_DECAY,
@@ -152,6 +162,18 @@ class FakeTrainingRig:
             self.scaler = _SimulatedGradScaler("cpu") if step.precision == "fp16" else None
             if self.scaler is not None:
                 self.scaler.scale(torch.ones(()))  # creates the scale and growth tracker, as step 1 does
+        self._built = True
+
+    def cache_key(self, batch_size: int) -> dict[str, Any]:
+        """Everything a simulated step of this rig at `batch_size` depends on."""
+        settings = {k: v for k, v in dataclasses.asdict(self.step).items() if k != "batch_size"}
+        return {**model_key(self.entry, self.config), "step": settings, "batch_size": batch_size}
+
+    def cached_training_step(self, batch_size: int) -> StepMemory | None:
+        """The simulation cache's answer for `batch_size`, or None (nothing simulated)."""
+        memory = lookup("train-step", self.cache_key(batch_size), decode=lambda v: StepMemory(**v))
+        self.cache_hits += memory is not None
+        return memory
 
     def _persistent_extras(self) -> list[torch.Tensor]:
         """State that lives across steps but belongs to neither model nor optimizer."""
@@ -161,6 +183,14 @@ class FakeTrainingRig:
 
     def training_step(self, batch_size: int) -> StepMemory:
         """Peak live tensor bytes of one steady-state training step, by category."""
+        memory = self.cached_training_step(batch_size)
+        if memory is None:
+            memory = self._simulate(batch_size)
+            store("train-step", self.cache_key(batch_size), dataclasses.asdict(memory))
+        return memory
+
+    def _simulate(self, batch_size: int) -> StepMemory:
+        self._build()
         model = self.model.train()
         tracker = LiveStorageTracker(self.granule)
         with self.mode:
@@ -182,6 +212,10 @@ class FakeTrainingRig:
 
     def inference(self, batch_size: int) -> int:
         """Peak live tensor bytes of one inference forward (eval mode, no autograd)."""
+        return cached("inference", self.cache_key(batch_size), lambda: self._simulate_inference(batch_size))
+
+    def _simulate_inference(self, batch_size: int) -> int:
+        self._build()
         model = self.model.eval()
         tracker = LiveStorageTracker(self.granule)
         with self.mode:
@@ -201,8 +235,15 @@ def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: boo
     """Simulate several batch sizes on one rig; with two or more cores, forked children take all
     but the last (results come back as JSON over a pipe). A failed child is simulated again here.
     """
+    known = {b: m for b in batch_sizes if (m := rig.cached_training_step(b)) is not None}
+    todo = [b for b in batch_sizes if b not in known]
+    if len(todo) < len(batch_sizes):
+        fresh = simulate_batches(rig, todo, parallel) if todo else []
+        known.update(zip(todo, fresh, strict=True))
+        return [known[b] for b in batch_sizes]
     if len(batch_sizes) < 2 or not parallel or not hasattr(os, "fork") or (os.cpu_count() or 1) < 2:
         return [rig.training_step(b) for b in batch_sizes]
+    rig._build()  # once, before forking: the children share it
     children = []
     for b in batch_sizes[:-1]:
         read_fd, write_fd = os.pipe()
@@ -211,7 +252,7 @@ def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: boo
             status = 1
             try:
                 os.close(read_fd)
-                payload = json.dumps(dataclasses.asdict(rig.training_step(b))).encode()
+                payload = json.dumps(dataclasses.asdict(rig._simulate(b))).encode()
                 with os.fdopen(write_fd, "wb") as pipe:
                     pipe.write(payload)
                 status = 0
@@ -226,6 +267,7 @@ def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: boo
         _, status = os.waitpid(pid, 0)
         if status == 0 and payload:
             results[b] = StepMemory(**json.loads(payload))
+            store("train-step", rig.cache_key(b), payload=json.loads(payload))
         else:
             results[b] = rig.training_step(b)
     return [results[b] for b in batch_sizes]
@@ -339,9 +381,13 @@ def states_lower_bound(params: int, optimizer: str) -> int:
 
 
 def config_param_count(entry: ModelEntry, config: ModelConfig) -> int:
-    with torch.device("meta"):
-        model = build_model(entry, config)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable parameters, counted on the meta device (cached)."""
+    def count() -> int:
+        with torch.device("meta"):
+            model = build_model(entry, config)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    return cached("params", model_key(entry, config), count)
 
 
 def device_memory_bytes(device: str) -> int:
@@ -373,6 +419,7 @@ def memtracker_training_peak(entry: ModelEntry, config: ModelConfig, step: StepS
     from torch.distributed._tools.mem_tracker import MemTracker
 
     rig = FakeTrainingRig(entry, config, step)
+    rig._build()
     tracker = MemTracker()
     with rig.mode:
         tracker.track_external(rig.model, rig.optimizer)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmkit.errors import MmkitError
-from mmkit.plan.count import count_flops
+from mmkit.plan.count import config_flops
 from mmkit.plan.fit import Candidate, FitResult
 from mmkit.plan.memory import (
     FakeTrainingRig,
@@ -104,6 +104,7 @@ class MemoryPlan:
                 "batch_cap_reached": fit.batch_cap_reached,
             },
             "simulations": fit.simulations,
+            "simulations_cached": fit.cached,
             "method": {
                 "train": "simulated: one steady-state training step on fake tensors (CPU kernels), "
                 "live storages tracked; overhead lines from the GPU preset",
@@ -181,9 +182,7 @@ def plan_memory(
     inference_overhead = gpu.overhead_bytes(inference_peak)
 
     time_estimate = None
-    with torch.device("meta"):
-        meta_model = fit.entry.build(fit.config)
-    flops = count_flops(meta_model.train(), 1)
+    flops = config_flops(fit.entry, fit.config)
     train_samples = max(1, -(-train_samples // nproc))  # this process's share
     val_samples = -(-val_samples // nproc)
     memory = fit.chosen.train

@@ -22,6 +22,8 @@ the thread count and the torch build, so a repeated plan or run does not time ag
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -159,7 +161,22 @@ def cpu_capability() -> str:
 
 def layer_shapes(entry: ModelEntry, config: ModelConfig) -> tuple[list[LayerShape], int]:
     """The model's linear and convolution calls grouped by shape, largest FLOPs first, and its whole
-    forward FLOPs per sample (FlopCounterMode: attention included). Runs on the meta device."""
+    forward FLOPs per sample (FlopCounterMode: attention included). Runs on the meta device (cached)."""
+    from mmkit.cache import cached, model_key
+
+    return cached(
+        "layer-shapes", model_key(entry, config), lambda: _layer_shapes(entry, config),
+        encode=lambda v: [[dataclasses.astuple(s) for s in v[0]], v[1]],
+        decode=lambda v: ([LayerShape(*_tuples(s)) for s in v[0]], int(v[1])),
+    )
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples they were."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _layer_shapes(entry: ModelEntry, config: ModelConfig) -> tuple[list[LayerShape], int]:
     from mmkit.plan.count import count_flops
 
     with torch.device("meta"):

@@ -15,11 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
 from mmkit.errors import MmkitError
-from mmkit.models.registry import ModelEntry, build_model
-from mmkit.plan.count import count_flops
+from mmkit.models.registry import ModelEntry
+from mmkit.plan.count import config_flops
 from mmkit.plan.fit import Candidate, FitResult, evaluate_batch, fit_to_budget
 from mmkit.plan.timing import estimate_time
 from mmkit.settings import GpuPreset
@@ -121,9 +119,7 @@ def _step_seconds(fit: FitResult, gpu: GpuPreset, precision: str, micro: int, ca
     """Predicted seconds of one micro-step (the FLOPs of a checkpointed model include its recompute)."""
     memory = candidate.train
     assert memory is not None
-    with torch.device("meta"):
-        model = build_model(fit.entry, fit.config).train()
-    flops = count_flops(model, 1)
+    flops = config_flops(fit.entry, fit.config)
     moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
     estimate = estimate_time(gpu, precision, micro, flops.train_flops, flops.forward_flops, moved,
                              train_samples=micro, val_samples=0, epochs=1, ops_per_step=memory.ops)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
-from mmkit.models.registry import ModelConfig, ModelEntry, build_model
+from mmkit.models.registry import ModelConfig, ModelEntry
 
 LONG_RUN_SECONDS = 3600.0  # beyond an hour on a CPU, a newcomer should hear the faster options first
 MEASURED_STEPS = 5  # steps 2..6 of a process are timed for the measured figure (step 1 warms up)
@@ -52,13 +50,11 @@ class _Rates:
 
 def _model_figures(entry: ModelEntry, config: ModelConfig) -> tuple[int, int, int]:
     """(parameters, forward FLOPs, training FLOPs) per sample, exact, on the meta device."""
-    from mmkit.plan.count import count_flops
+    from mmkit.plan.count import config_flops
+    from mmkit.plan.memory import config_param_count
 
-    with torch.device("meta"):
-        model = build_model(entry, config)
-    model.train()
-    flops = count_flops(model, 1)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = config_flops(entry, config)
+    params = config_param_count(entry, config)
     return params, flops.forward_flops, flops.train_flops
 
 
