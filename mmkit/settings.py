@@ -5,8 +5,9 @@ Presets are data: TOML files validated by the pydantic models below.
 - `training/<name>.toml`  a training recipe: epochs, lr, precision, batch, data fraction, ...
 
 They are looked up in the folders of `MMKIT_PRESET_PATH` (separated by the OS path separator,
-each holding `gpus/` and/or `training/`; earlier folders win), then in the built-in folder
-shipped with mmkit. Precedence of a resolved training configuration (contract):
+each holding `gpus/` and/or `training/`; earlier folders win), then in the user's presets folder
+(`MMKIT_CONFIG_DIR`/presets, default ~/.config/mmkit/presets: where `mmkit calibrate` writes), then
+in the built-in folder shipped with mmkit. Precedence of a resolved training configuration (contract):
 built-in defaults < preset file < `MMKIT_*` environment < CLI flags.
 """
 
@@ -50,9 +51,18 @@ class MmkitSettings(BaseSettings):
     # the run says the figure was pinned, not measured
     cpu_bf16_speedup: PositiveFloat | None = None
 
+    config_dir: str = ""  # user presets (`mmkit calibrate` writes here): default $XDG_CONFIG_HOME/mmkit or ~/.config/mmkit
+
     @property
     def preset_dirs(self) -> list[Path]:
-        return [Path(p).expanduser() for p in self.preset_path.split(os.pathsep) if p.strip()]
+        """MMKIT_PRESET_PATH's folders, then the user's own presets folder."""
+        return [*(Path(p).expanduser() for p in self.preset_path.split(os.pathsep) if p.strip()), self.user_preset_dir]
+
+    @property
+    def user_preset_dir(self) -> Path:
+        if self.config_dir:
+            return Path(self.config_dir).expanduser() / "presets"
+        return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mmkit" / "presets"
 
     @property
     def cache_path(self) -> Path:
@@ -85,6 +95,15 @@ class GpuOverhead(_Strict):
     allocator_reserve_fraction: float = Field(ge=0, lt=1)  # caching-allocator slack, × peak tensors
 
 
+class Calibration(_Strict):
+    """Figures measured on the device by `mmkit calibrate` (the time model uses them over the datasheet's)."""
+
+    source: str  # what was measured, where and when
+    matmul_tflops: dict[Precision, list[tuple[PositiveFloat, PositiveFloat]]]  # (FLOPs per call, TFLOP/s achieved)
+    bandwidth_gb_s: PositiveFloat  # a large elementwise operation's bytes read + written per second
+    seconds_per_op: NonNegativeFloat  # one eager operator in a training step (dispatch, autograd, launch)
+
+
 class GpuPreset(_Strict):
     name: str
     display_name: str
@@ -95,6 +114,7 @@ class GpuPreset(_Strict):
     memory_bandwidth_gb_s: PositiveFloat
     peak_tflops: PeakTflops
     overhead: GpuOverhead
+    calibration: Calibration | None = None
 
     @property
     def vram_bytes(self) -> int:

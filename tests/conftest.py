@@ -17,11 +17,12 @@ PINNED_BF16_SPEEDUP = "2.0"
 
 @pytest.fixture(autouse=True)
 def clean_mmkit_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Tests never see the developer's MMKIT_* variables, nor their measurement cache."""
+    """Tests never see the developer's MMKIT_* variables, their measurement cache, nor their own presets."""
     for key in list(os.environ):
         if key.startswith("MMKIT_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("MMKIT_CACHE_DIR", str(cache_dir(tmp_path_factory)))
+    monkeypatch.setenv("MMKIT_CONFIG_DIR", str(tmp_path_factory.mktemp("mmkit-config")))
     monkeypatch.setenv("MMKIT_CPU_BF16_SPEEDUP", PINNED_BF16_SPEEDUP)
 
 

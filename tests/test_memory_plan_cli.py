@@ -37,7 +37,8 @@ def test_seed_case_rtx3050_defaults_to_lfm2_and_fits() -> None:
     assert train["total"] == train["peak_tensors"] + train["overhead"]
     assert set(train["overhead_lines"]) == {"cuda_context", "workspace", "allocator_reserve"}
     assert doc["inference"]["total"] == doc["inference"]["peak_tensors"] + doc["inference"]["overhead"]
-    assert doc["time"]["total_seconds"] > 0 and "estimate" in doc["time"]["method"]
+    assert doc["time"]["total_seconds"] > 0 and doc["time"]["method"].startswith("predicted")
+    assert doc["time"]["step_model"]["source"].startswith("datasheet: rtx3050")
 
 
 def test_h100_trains_the_original_size() -> None:

@@ -28,8 +28,8 @@ def plan(*args: str) -> dict:
 
 
 def test_lfm2_on_a_4gb_card_without_bf16_gets_a_ranked_plan_whose_winner_is_exact() -> None:
-    doc = plan("lfm2", "--gpu", "gtx1650", "--target-batch", "64", "--precision", "auto", "--device", "cuda",
-               "--measure")
+    doc = plan("lfm2", "--gpu", "gtx1650", "--target-batch", "64", "--precision", "auto", "--grad-checkpointing",
+               "auto", "--device", "cuda", "--measure")
     search = doc["search"]
     winner = search["ranked"][0]
     assert winner["micro_batch"] * winner["accumulation"] == 64 and winner["total"] <= doc["budget_bytes"]
@@ -38,6 +38,7 @@ def test_lfm2_on_a_4gb_card_without_bf16_gets_a_ranked_plan_whose_winner_is_exac
     # what the plan shows is the winner, and its simulated peak is a real CPU step's at that micro-batch
     assert (doc["precision"], doc["gradient_checkpointing"], doc["per_rank_batch_size"]) == (
         winner["precision"], winner["gradient_checkpointing"], winner["micro_batch"])
+    assert search["time_source"].startswith("datasheet: gtx1650")
     measure = doc["measure"]
     if winner["precision"] == "fp32":
         assert measure["measured_peak_tensors"] == measure["predicted_peak_tensors"]

@@ -10,7 +10,7 @@ import typer.core
 from typer.core import TyperGroup
 
 from mmkit import __version__
-from mmkit.cli import compare, count, data, eval, memory_plan, train
+from mmkit.cli import calibrate, compare, count, data, eval, memory_plan, train
 
 # Typer >= 0.20 vendors click as typer._click; older releases use click itself.
 click: Any = getattr(typer.core, "_click", None) or __import__("click")
@@ -20,7 +20,11 @@ class OneLineErrors(TyperGroup):
     """Usage errors (a bad option value, a missing argument) as one line on stderr, exit code 2,
     like every other mistake a user can make (one line, exit 2)."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Any = None, *rest: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        args = _switch_values(list(sys.argv[1:] if args is None else args))
+        return self._main(args, *rest, standalone_mode=standalone_mode, **kwargs)
+
+    def _main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -39,6 +43,25 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+SWITCH_VALUES = {"--grad-checkpointing": {"on": ["--grad-checkpointing"], "off": ["--no-grad-checkpointing"], "auto": []}}
+
+
+def _switch_values(args: list[str]) -> list[str]:
+    """`--grad-checkpointing auto|on|off` as the on/off switch takes it: auto (searched with
+    --target-batch, else the preset's) is the switch left out."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        values = SWITCH_VALUES.get(args[i])
+        if values is not None and i + 1 < len(args) and args[i + 1] in values:
+            out += values[args[i + 1]]
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 app = typer.Typer(
     cls=OneLineErrors,
     name="mmkit",
@@ -54,6 +77,7 @@ app.command(name="train")(train.train_cli)
 app.command(name="resume")(train.resume_cli)
 app.command(name="eval")(eval.eval_cli)
 app.command(name="compare")(compare.compare_cli)
+app.command(name="calibrate")(calibrate.calibrate_cli)
 app.add_typer(data.data_app, name="data")
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from mmkit.plan.fit import Candidate
     from mmkit.plan.planner import MemoryPlan
     from mmkit.plan.search import SearchResult
+    from mmkit.plan.timing import TimeEstimate
     from mmkit.train.resolve import RunOptions
 
 BAR_WIDTH = 30
@@ -150,9 +151,10 @@ def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
 
 def render_search(search: SearchResult) -> None:
     """The ranked ways to train at the target batch, and why each dimension the winner left lost."""
+    source = "a calibration" if search.time_source.startswith("calibrated") else "datasheet figures"
     table = Table(title=f"ways to train at {search.target_batch} samples per optimizer step, fastest first "
-                        "(memory simulated, time estimated)", title_justify="left")
-    for column in ("", "precision", "checkpointing", "micro × accum", "memory", "step (est.)", "samples/s (est.)"):
+                        f"(memory simulated, time predicted from {source})", title_justify="left")
+    for column in ("", "precision", "checkpointing", "micro × accum", "memory", "step (pred.)", "samples/s (pred.)"):
         table.add_column(column, justify="left" if column in ("", "precision", "checkpointing") else "right")
     for rank, option in enumerate(search.options, start=1):
         table.add_row(str(rank), option.precision, "yes" if option.gradient_checkpointing else "no",
@@ -176,6 +178,19 @@ def _why(candidate: Candidate | None, what: str, budget: int) -> str | None:
         return f"{label}: model states alone need ≥ {human_bytes(candidate.total)} > budget {human_bytes(budget)}"
     verdict = "fits" if candidate.fits else f"over budget by {human_bytes(candidate.total - budget)}"
     return f"{label} needs {human_bytes(candidate.total)}: {verdict}"
+
+
+def _time_label(t: TimeEstimate) -> str:
+    if t.step_model is None:
+        return "[yellow](estimate)[/yellow]"
+    calibrated = str(t.step_model["source"]).startswith("calibrated")
+    return f"[yellow](predicted from {'a calibration' if calibrated else 'datasheet figures'})[/yellow]"
+
+
+def _time_basis(t: TimeEstimate, precision: str) -> str:
+    if t.step_model is None:
+        return f"assumes {t.utilization:.0%} of {t.tflops:g} TFLOP/s {precision}"
+    return f"{t.step_model['operators']:,} operators of the simulated step; {t.step_model['source']}"
 
 
 def render_plan(plan: MemoryPlan, preset: str) -> None:
@@ -249,17 +264,15 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
     if plan.time is not None and not plan.has_data:
         t = plan.time
         console.print(
-            f"time [yellow](estimate)[/yellow]: {human_duration(t.step_seconds)} per training step "
-            f"[dim]({t.bound}-bound; assumes {t.utilization:.0%} of {t.tflops:g} TFLOP/s {plan.precision}; "
-            "give --data for the time per epoch)[/dim]"
+            f"time {_time_label(t)}: {human_duration(t.step_seconds)} per training step "
+            f"[dim]({t.bound}-bound; {_time_basis(t, plan.precision)}; give --data for the time per epoch)[/dim]"
         )
     elif plan.time is not None:
         t = plan.time
         console.print(
-            f"time [yellow](estimate)[/yellow]: {t.steps_per_epoch} steps/epoch × {human_duration(t.step_seconds)}"
+            f"time {_time_label(t)}: {t.steps_per_epoch} steps/epoch × {human_duration(t.step_seconds)}"
             f" → {human_duration(t.epoch_seconds)}/epoch, {human_duration(t.total_seconds)} for {t.epochs} epochs "
-            f"[dim]({t.bound}-bound; assumes {t.utilization:.0%} of {t.tflops:g} TFLOP/s {plan.precision}, "
-            f"{t.train_samples} training samples)[/dim]"
+            f"[dim]({t.bound}-bound; {_time_basis(t, plan.precision)}, {t.train_samples} training samples)[/dim]"
         )
     if plan.measure is not None:
         m = plan.measure

@@ -54,6 +54,8 @@ class StepMemory:
     peak_phase: str  # forward, backward or optimizer
     phase_peaks: dict[str, int] = field(default_factory=dict)  # the peak within each phase
     ops: int = 0  # operators dispatched in the step
+    # what each operator costs a device, grouped: [[operator, dtype, flops, bytes, calls], ...] (OpCosts)
+    costs: list[list] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, int]:
         return {c: getattr(self, c) for c in CATEGORIES} | {"peak_tensors": self.peak_tensors}
@@ -192,7 +194,7 @@ class FakeTrainingRig:
     def _simulate(self, batch_size: int) -> StepMemory:
         self._build()
         model = self.model.train()
-        tracker = LiveStorageTracker(self.granule)
+        tracker = LiveStorageTracker(self.granule, record_costs=True)
         with self.mode:
             handles = track_model_state(tracker, model, self.optimizer)
             tracker.track(self._persistent_extras(), "other")
@@ -282,7 +284,8 @@ def _step_memory(tracker: LiveStorageTracker) -> StepMemory:
     peak = tracker.peak
     phases = {p: b for p, b in tracker.phase_peaks.items() if p in ("forward", "backward", "optimizer")}
     return StepMemory(**{c: peak.by_category[c] for c in CATEGORIES}, peak_tensors=peak.peak_bytes,
-                      peak_phase=peak.phase, phase_peaks=phases, ops=tracker.ops)
+                      peak_phase=peak.phase, phase_peaks=phases, ops=tracker.ops,
+                      costs=tracker.costs.as_list() if tracker.costs is not None else [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from mmkit.plan.memory import (
     StepSettings,
     measure_training_steps,
 )
+from mmkit.plan.timemodel import device_rates, predict_step
 from mmkit.plan.timing import TimeEstimate, estimate_time
 from mmkit.settings import GpuPreset
 
@@ -191,6 +192,7 @@ def plan_memory(
         time_estimate = estimate_time(
             gpu, precision, fit.batch_size, flops.train_flops, flops.forward_flops, moved,
             train_samples, val_samples, epochs, ops_per_step=memory.ops,
+            step_model=predict_step(memory.costs, device_rates(gpu)).as_dict() if memory.costs else None,
         )
 
     measured = None

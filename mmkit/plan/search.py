@@ -4,8 +4,8 @@
 For every precision the device offers and, for families that support it, with and without
 activation checkpointing, the fit (mmkit.plan.fit) finds the largest micro-batch that fits; the
 micro-batch is then the largest divisor of N at or below it (micro × accumulation = N), its memory
-simulated, and its optimizer step's time predicted (mmkit.plan.timing: an estimate, labelled as
-one). The configurations that fit are ranked by predicted samples/s; each dimension the winner did
+simulated, and its optimizer step's time predicted from the simulated operators (mmkit.plan.timemodel,
+from a calibration or datasheet figures, labelled as such). The configurations that fit are ranked by predicted samples/s; each dimension the winner did
 not take gets one line saying why it lost.
 """
 
@@ -19,6 +19,7 @@ from mmkit.errors import MmkitError
 from mmkit.models.registry import ModelEntry
 from mmkit.plan.count import config_flops
 from mmkit.plan.fit import Candidate, FitResult, evaluate_batch, fit_to_budget
+from mmkit.plan.timemodel import device_rates, predict_step
 from mmkit.plan.timing import estimate_time
 from mmkit.settings import GpuPreset
 
@@ -55,6 +56,7 @@ class SearchResult:
     options: list[SearchOption]  # the configurations that fit, fastest first
     rejected: list[str]  # one line per dimension the winner did not take
     next_micro: Candidate | None  # the next divisor of the target above the winner's micro-batch
+    time_source: str = ""  # where the time model's device figures come from (mmkit.plan.timemodel)
 
     @property
     def winner(self) -> SearchOption:
@@ -66,8 +68,8 @@ class SearchResult:
                 "next_micro_batch": None if self.next_micro is None else
                 {"batch_size": self.next_micro.batch_size, "total": self.next_micro.total,
                  "fits": self.next_micro.fits},
-                "method": "memory simulated at each micro-batch; time an estimate (FLOPs, bytes and operators "
-                          "of the simulated step against the GPU preset's figures)"}
+                "method": "memory simulated at each micro-batch; time predicted from the simulated step's "
+                          "operators (mmkit.plan.timemodel)", "time_source": self.time_source}
 
 
 def divisors(n: int) -> list[int]:
@@ -112,13 +114,16 @@ def search_training_plans(
         next_micro = evaluate_batch(winner.fit, gpu, larger[0], margin)
         options[0] = winner = replace(winner, fit=replace(winner.fit, next_batch=next_micro))
     return SearchResult(target_batch, options, _rejections(options, failed, next_micro, precisions, checkpointing),
-                        next_micro)
+                        next_micro, device_rates(gpu).source)
 
 
 def _step_seconds(fit: FitResult, gpu: GpuPreset, precision: str, micro: int, candidate: Candidate) -> float:
-    """Predicted seconds of one micro-step (the FLOPs of a checkpointed model include its recompute)."""
+    """Predicted seconds of one micro-step from its simulated operators (mmkit.plan.timemodel; a
+    checkpointed model's operators include its recompute)."""
     memory = candidate.train
     assert memory is not None
+    if memory.costs:
+        return predict_step(memory.costs, device_rates(gpu)).seconds
     flops = config_flops(fit.entry, fit.config)
     moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
     estimate = estimate_time(gpu, precision, micro, flops.train_flops, flops.forward_flops, moved,

@@ -36,8 +36,20 @@ class TimeEstimate:
     tflops: float
     ops_per_step: int = 0
     device_type: str = "cuda"
+    # the step time from the operator time model (mmkit.plan.timemodel) and its figures' source, where used
+    step_model: dict[str, object] | None = None
 
     def as_dict(self) -> dict[str, object]:
+        if self.step_model is not None:
+            return {
+                "step_seconds": self.step_seconds, "epoch_seconds": self.epoch_seconds,
+                "total_seconds": self.total_seconds, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
+                "train_samples": self.train_samples, "val_samples": self.val_samples, "bound": self.bound,
+                "step_model": self.step_model,
+                "method": "predicted: the step from the simulated step's operators (step_model: its figures' "
+                "source), the validation pass from forward FLOPs at the preset's peak × assumed utilization; data loading "
+                "not included",
+            }
         return {
             "step_seconds": self.step_seconds,
             "epoch_seconds": self.epoch_seconds,
@@ -73,7 +85,10 @@ def estimate_time(
     val_samples: int,
     epochs: int,
     ops_per_step: int = 0,
+    step_model: dict[str, object] | None = None,
 ) -> TimeEstimate:
+    """With `step_model` (a StepTime's as_dict) the step time is that prediction's; otherwise the roofline
+    estimate from whole-step FLOPs, bytes and operators described in the module docstring."""
     utilization = ASSUMED_UTILIZATION[gpu.device_type]
     tflops = peak_tflops(gpu, precision)
     rate = tflops * 1e12 * utilization  # FLOP/s actually sustained
@@ -81,6 +96,11 @@ def estimate_time(
     memory = bytes_moved_per_step / (gpu.memory_bandwidth_gb_s * 1e9)
     launches = ops_per_step * ASSUMED_SECONDS_PER_OP[gpu.device_type]
     step = max(compute, memory, launches)
+    bound = max((compute, "compute"), (memory, "memory bandwidth"), (launches, "per-op overhead"))[1]
+    if step_model is not None:
+        step = float(step_model["step_seconds"])  # type: ignore[arg-type]
+        parts: dict[str, float] = step_model["parts"]  # type: ignore[assignment]
+        bound = {"compute": "compute", "memory": "memory bandwidth", "per_op": "per-op overhead"}[max(parts, key=parts.get)]
     steps = math.ceil(train_samples / batch_size)
     validation = val_samples * forward_flops_per_sample / rate
     epoch = steps * step + validation
@@ -93,8 +113,9 @@ def estimate_time(
         train_samples=train_samples,
         val_samples=val_samples,
         utilization=utilization,
-        bound=max((compute, "compute"), (memory, "memory bandwidth"), (launches, "per-op overhead"))[1],
+        bound=bound,
         tflops=tflops,
         ops_per_step=ops_per_step,
         device_type=gpu.device_type,
+        step_model=step_model,
     )

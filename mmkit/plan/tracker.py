@@ -59,10 +59,62 @@ def _storages(tensors: Iterable[object]) -> list[torch.UntypedStorage]:
     return out
 
 
+# The CPU's attention kernels, missing from torch's FLOP registry (which lists the CUDA ones)
+_CPU_ATTENTION = {
+    "_scaled_dot_product_flash_attention_for_cpu": "forward",
+    "_scaled_dot_product_flash_attention_for_cpu_backward": "backward",
+}
+
+
+def _op_flops(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
+    """FLOPs of one operator call from torch's FLOP registry (matmuls, convolutions, attention); 0 else."""
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+    formula = flop_registry.get(func.overloadpacket)
+    if formula is not None:
+        return int(formula(*args, **kwargs, out_val=out))
+    kind = _CPU_ATTENTION.get(func.overloadpacket.__name__)
+    if kind == "forward":
+        q, k, v = args[:3]
+        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+    if kind == "backward":
+        grad_out, q, k, v = args[:4]
+        return int(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
+    return 0
+
+
+class OpCosts:
+    """What each operator of a step costs a device: its FLOPs and the bytes it reads and writes.
+
+    Metadata queries (`prim::device`) are not operators a device runs and are left out. Calls are grouped by (operator, dtype, FLOPs, bytes) with a count, so a step of many repeated
+    layers stays small. A view moves no bytes; every other operator is taken to read its tensor
+    inputs and write its outputs once (what a roofline model of the step needs).
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, str, int, int], int] = {}
+
+    def record(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> None:
+        if func.namespace == "prim":  # metadata queries (prim::device), no kernel
+            return
+        flops = _op_flops(func, args, kwargs, out)
+        tensors_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        moved = 0 if func.is_view else sum(t.numel() * t.element_size() for t in (*tensors_in, *tensors_out))
+        floating = [t.dtype for t in (*tensors_in, *tensors_out) if t.dtype.is_floating_point]
+        dtype = str(floating[0]).removeprefix("torch.") if floating else "other"
+        key = (func.overloadpacket.__name__, dtype, flops, moved)
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def as_list(self) -> list[list]:
+        """[[operator, dtype, flops, bytes, calls], ...], largest FLOPs·calls first (JSON-friendly)."""
+        return sorted(([*key, n] for key, n in self.calls.items()), key=lambda r: (-r[2] * r[4], -r[3] * r[4], r[0]))
+
+
 class LiveStorageTracker(TorchDispatchMode):
     """Tracks the live bytes of every tensor storage and the category breakdown at the peak."""
 
-    def __init__(self, granule: int = 1) -> None:
+    def __init__(self, granule: int = 1, record_costs: bool = False) -> None:
         super().__init__()
         self.granule = granule
         self.phase = "setup"
@@ -74,6 +126,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self.phase_peaks: dict[str, int] = {}  # the peak reached within each phase
         self.ops = 0  # operators dispatched: each is at least one kernel launch on a GPU
         self._weight_storages: set[int] = set()
+        self.costs: OpCosts | None = OpCosts() if record_costs else None
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _rounded(self, nbytes: int) -> int:
@@ -127,6 +180,8 @@ class LiveStorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         self.ops += 1
+        if self.costs is not None:
+            self.costs.record(func, args, kwargs or {}, out)
         category = PHASE_CATEGORY.get(self.phase, "other")
         if category == "activations" and func is torch.ops.aten._to_copy.default:
             # autocast's low-precision copy of a weight is not an activation

@@ -520,7 +520,7 @@ def _search(
                                    optimizer=recipe.optimizer, margin=options.margin)
     winner = result.winner
     notes.append(f"search: {winner.label()} fits {gpu.name} ({winner.total_bytes / 2**30:.2f} GiB) and is "
-                 f"predicted fastest of {len(result.options)} ({winner.samples_per_s:,.0f} samples/s, estimate)")
+                 f"predicted fastest of {len(result.options)} ({winner.samples_per_s:,.0f} samples/s predicted)")
     if winner.precision != choice.precision:
         choice = PrecisionChoice(winner.precision, None)
     recipe = recipe.model_copy(update={

@@ -1,0 +1,69 @@
+"""The step-time model: operators' FLOPs and bytes from the simulated step, device figures from a
+datasheet or from `mmkit calibrate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mmkit.cli.app import app
+from mmkit.models.registry import create_model, get_model_entry
+from mmkit.plan import calibrate as calibration
+from mmkit.plan.count import count_flops
+from mmkit.plan.memory import FakeTrainingRig, StepSettings
+from mmkit.plan.timemodel import DeviceRates, predict_step
+from mmkit.settings import load_gpu_preset
+
+runner = CliRunner()
+
+
+def test_each_operator_is_bound_by_the_slower_of_compute_and_memory_plus_its_dispatch() -> None:
+    rates = DeviceRates("calibrated: test", {"fp32": ((1e3, 1e9), (1e6, 1e10))}, bandwidth=1e9, seconds_per_op=1e-6)
+    costs = [
+        ["mm", "float32", 10**6, 1000, 2],  # compute 1e-4 s > memory 1e-6 s, twice
+        ["mm", "float32", 10**3, 10**6, 1],  # memory 1e-3 s > compute 1e-6 s
+        ["add", "float32", 0, 10**4, 3],  # memory 1e-5 s, three times
+    ]
+    step = predict_step(costs, rates)
+    assert step.operators == 6
+    assert step.parts["compute"] == pytest.approx(2e-4)
+    assert step.parts["memory"] == pytest.approx(1e-3 + 3e-5)
+    assert step.parts["per_op"] == pytest.approx(6e-6)
+    assert step.seconds == pytest.approx(2e-4 + 1e-3 + 3e-5 + 6e-6)
+    # between two measured sizes the rate is interpolated in log-log space
+    assert rates.matmul_rate("fp32", 10**4.5) == pytest.approx(10**9.5)
+    assert rates.matmul_rate("bf16", 1e9) == 1e10  # an unmeasured precision falls back to fp32, clamped
+
+
+def test_the_simulated_operators_carry_the_steps_matmul_flops() -> None:
+    entry = get_model_entry("multichannel")
+    config = entry.sizes[entry.default_size]
+    memory = FakeTrainingRig(entry, config, StepSettings(batch_size=4)).training_step(4)
+    model = create_model("multichannel")
+    assert sum(flops * calls for _, _, flops, _, calls in memory.costs) == count_flops(model.train(), 4).train_flops
+    assert all(op != "device" for op, *_ in memory.costs)  # metadata queries are not operators a device runs
+
+
+def test_calibrate_writes_a_preset_that_plans_predict_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibration, "MIN_SECONDS", 0.01)
+    monkeypatch.setattr(calibration, "MATMUL_SIZES", (32, 128))
+    monkeypatch.setattr(calibration, "BANDWIDTH_ELEMENTS", 1 << 18)
+    result = runner.invoke(app, ["calibrate", "--device", "cpu", "--name", "here", "--json"])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    preset = load_gpu_preset("here")
+    assert preset.calibration is not None and preset.calibration.bandwidth_gb_s > 0
+    assert preset.calibration.seconds_per_op > 0 and set(preset.calibration.matmul_tflops) == {"fp32", "bf16"}
+    assert preset.calibration.model_dump(mode="json") == written["calibration"]
+    assert preset.vram_gib == load_gpu_preset("cpu").vram_gib  # memory figures from the CPU preset
+    plan = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "here", "--batch-size", "8", "--json"])
+    assert plan.exit_code == 0, plan.output
+    step_model = json.loads(plan.stdout)["time"]["step_model"]
+    assert step_model["source"].startswith("calibrated: mmkit calibrate on") and step_model["step_seconds"] > 0
+
+
+def test_calibrate_refuses_a_bad_name() -> None:
+    result = runner.invoke(app, ["calibrate", "--name", "../x"])
+    assert result.exit_code == 2 and "--name" in result.output
