@@ -117,11 +117,11 @@ def test_a_gpu_plan_on_a_cpu_machine_is_what_train_runs_here() -> None:
     assert on_gpu["precision"] == "fp16"
 
 
-def test_table_output_labels_what_is_simulated_and_what_is_estimated() -> None:
+def test_table_output_labels_what_is_simulated_and_what_is_predicted() -> None:
     result = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "rtx3050", "--size", "default",
                                  "--batch-size", "32", "--precision", "fp32"])
     assert result.exit_code == 0
-    for text in ("peak tensors", "simulated", "CUDA context", "(preset)", "fits", "estimate"):
+    for text in ("peak tensors", "simulated", "CUDA context", "(preset)", "fits", "predicted from datasheet figures"):
         assert text in result.stdout
 
 
