@@ -7,7 +7,8 @@
     python -m bench --render-only --update-docs     # re-render report.md and docs/performance.md from report.json
 
 Parts: overhead (mmkit's step vs a raw loop), data_share (batches as a share of an epoch), latency
-(count and memory-plan), planner_accuracy (simulated vs measured memory), speedups (AMP,
+(count and memory-plan), planner_accuracy (simulated vs measured memory), time_prediction (predicted vs
+measured step time, after calibration), speedups (AMP,
 --compile, AdamW kernels, batch, text cache, gradient checkpointing) and gpu (CUDA only; without
 a GPU the report says so). Goals are ratios or limits measured in the same run on the same machine.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench import data_share, gpu, latency, overhead, planner_accuracy, speedups
+from bench import data_share, gpu, latency, overhead, planner_accuracy, speedups, time_prediction
 from bench.common import RESULTS, machine, machine_line
 
 PARTS = {
@@ -32,6 +33,7 @@ PARTS = {
     "data_share": (data_share, "Data share: producing batches as a fraction of an epoch"),
     "latency": (latency, "Latency of the planning commands"),
     "planner_accuracy": (planner_accuracy, "Planner accuracy on the CPU"),
+    "time_prediction": (time_prediction, "Time prediction on the CPU"),
     "speedups": (speedups, "Speed-ups"),
     "gpu": (gpu, "GPU rows"),
 }

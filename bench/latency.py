@@ -5,7 +5,9 @@
 `python -c pass` (the floor any Python program pays), `mmkit --version` and `mmkit count --help`
 (start-up: answered without importing torch), `python -c "import torch"` (the floor any torch
 program pays), `mmkit count lfm2 --size original` and `mmkit memory-plan --gpu rtx3050` (lfm2, auto
-size and batch) run in turn, `repeats` times each; medians. Peak RSS is each command's own maximum
+size and batch; with `--no-cache`, every simulation run again, and then answered from the simulation
+cache the run before it filled; the CPU probe's timings are cached in both) run in turn, `repeats`
+times each; medians. Peak RSS is each command's own maximum
 resident set (`os.wait4` in a small launcher).
 """
 
@@ -21,7 +23,8 @@ from bench.common import goal, part_main, quartiles
 GOAL_STARTUP_EXTRA_SECONDS = 0.3
 GOAL_COUNT_EXTRA_SECONDS = 1.5
 GOAL_COUNT_RSS_BYTES = 300 * 10**6
-GOAL_PLAN_SECONDS = 10.0
+GOAL_PLAN_SECONDS = 10.0  # cold simulation cache
+GOAL_PLAN_WARM_EXTRA_SECONDS = 2.0  # warm simulation cache, beyond `import torch`
 
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
@@ -29,7 +32,10 @@ COMMANDS = {
     "mmkit count --help": [sys.executable, "-m", "mmkit", "count", "--help"],
     "import torch": [sys.executable, "-c", "import torch"],
     "count lfm2 --size original": [sys.executable, "-m", "mmkit", "count", "lfm2", "--size", "original"],
-    "memory-plan --gpu rtx3050": [sys.executable, "-m", "mmkit", "memory-plan", "--gpu", "rtx3050"],
+    "memory-plan --gpu rtx3050 (cold simulation cache)": [sys.executable, "-m", "mmkit", "memory-plan", "--gpu",
+                                                          "rtx3050", "--no-cache"],
+    "memory-plan --gpu rtx3050 (warm simulation cache)": [sys.executable, "-m", "mmkit", "memory-plan", "--gpu",
+                                                          "rtx3050"],
 }
 
 
@@ -59,6 +65,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
     repeats = repeats or (1 if quick else 3)
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
     rss: dict[str, list[int]] = {name: [] for name in COMMANDS}
+    run_once(COMMANDS["memory-plan --gpu rtx3050 (warm simulation cache)"])  # fills the cache (and the CPU probe's)
     for _ in range(repeats):
         for name, command in COMMANDS.items():
             seconds, peak = run_once(command)
@@ -84,11 +91,17 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
         goals.append(goal("`count lfm2 --size original` peak RSS", f"≤ {GOAL_COUNT_RSS_BYTES / 1e6:.0f} MB",
                           f"{count['peak_rss_bytes'] / 1e6:.0f} MB",
                           count["peak_rss_bytes"] <= GOAL_COUNT_RSS_BYTES, NOTE_COUNT))
-    plan = by_name.get("memory-plan --gpu rtx3050")
+    plan = by_name.get("memory-plan --gpu rtx3050 (cold simulation cache)")
     if plan:
-        goals.append(goal("`memory-plan --gpu rtx3050` (auto size and batch)", f"≤ {GOAL_PLAN_SECONDS:.0f} s",
-                          f"{plan['seconds']['median']:.2f} s", plan["seconds"]["median"] <= GOAL_PLAN_SECONDS,
-                          NOTE_PLAN))
+        goals.append(goal("`memory-plan --gpu rtx3050` (auto size and batch), cold simulation cache",
+                          f"≤ {GOAL_PLAN_SECONDS:.0f} s", f"{plan['seconds']['median']:.2f} s",
+                          plan["seconds"]["median"] <= GOAL_PLAN_SECONDS, NOTE_PLAN))
+    warm = by_name.get("memory-plan --gpu rtx3050 (warm simulation cache)")
+    if warm and floor:
+        extra = warm["seconds"]["median"] - floor["seconds"]["median"]
+        goals.append(goal("`memory-plan --gpu rtx3050`, warm simulation cache, beyond `import torch`",
+                          f"≤ {GOAL_PLAN_WARM_EXTRA_SECONDS:.0f} s", f"{extra:.2f} s",
+                          extra <= GOAL_PLAN_WARM_EXTRA_SECONDS, NOTE_PLAN))
     return {"rows": rows, "goals": goals}
 
 
@@ -108,9 +121,9 @@ NOTE_COUNT = (
 
 
 NOTE_PLAN = (
-    "memory-plan simulates four training steps of lfm2 on fake tensors (fake-tensor dispatch dominates its "
-    "profile) and forks a second process to simulate two batch sizes at once, so it needs both cores; "
-    "without other load on this repository's machine it took 7.2–8.6 s (docs/memory-plan.md, planner section)"
+    "with a cold cache memory-plan simulates four training steps of lfm2 on fake tensors (fake-tensor dispatch "
+    "dominates its profile) and forks a second process to simulate two batch sizes at once, so it needs both "
+    "cores and is slower while other jobs share them; with a warm cache it reads them back and builds no model"
 )
 
 
