@@ -22,7 +22,7 @@ because it is several times faster under fake tensors.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,44 +66,57 @@ _CPU_ATTENTION = {
 }
 
 
-def _op_flops(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
-    """FLOPs of one operator call from torch's FLOP registry (matmuls, convolutions, attention); 0 else."""
+def _flop_formula(func: torch._ops.OpOverload) -> Callable[..., int] | None:
+    """How to count one call's FLOPs (torch's FLOP registry, the CPU's attention), or None: no FLOPs."""
     from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
     formula = flop_registry.get(func.overloadpacket)
     if formula is not None:
-        return int(formula(*args, **kwargs, out_val=out))
+        return lambda args, kwargs, out: int(formula(*args, **kwargs, out_val=out))
     kind = _CPU_ATTENTION.get(func.overloadpacket.__name__)
     if kind == "forward":
-        q, k, v = args[:3]
-        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+        return lambda args, kwargs, out: int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
     if kind == "backward":
-        grad_out, q, k, v = args[:4]
-        return int(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
-    return 0
+        return lambda args, kwargs, out: int(sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape,
+                                                                      args[3].shape))
+    return None
+
+
+def _tensors(values: Iterable[object]) -> Iterator[torch.Tensor]:
+    """The tensors among an operator's arguments or outputs (lists of tensors included)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if isinstance(t, torch.Tensor))
 
 
 class OpCosts:
     """What each operator of a step costs a device: its FLOPs and the bytes it reads and writes.
 
-    Metadata queries (`prim::device`) are not operators a device runs and are left out. Calls are grouped by (operator, dtype, FLOPs, bytes) with a count, so a step of many repeated
-    layers stays small. A view moves no bytes; every other operator is taken to read its tensor
-    inputs and write its outputs once (what a roofline model of the step needs).
+    Metadata queries (`prim::device`) are not operators a device runs and are left out. Calls are
+    grouped by (operator, dtype, FLOPs, bytes) with a count, so a step of many repeated layers
+    stays small. A view moves no bytes; every other operator is taken to read its tensor inputs and
+    write its outputs once (what a roofline model of the step needs).
     """
 
     def __init__(self) -> None:
         self.calls: dict[tuple[str, str, int, int], int] = {}
+        self._ops: dict[torch._ops.OpOverload, tuple[str, bool, Callable[..., int] | None] | None] = {}
 
     def record(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> None:
-        if func.namespace == "prim":  # metadata queries (prim::device), no kernel
+        if func not in self._ops:
+            self._ops[func] = None if func.namespace == "prim" else (
+                func.overloadpacket.__name__, func.is_view, _flop_formula(func))
+        known = self._ops[func]
+        if known is None:
             return
-        flops = _op_flops(func, args, kwargs, out)
-        tensors_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        tensors_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        moved = 0 if func.is_view else sum(t.numel() * t.element_size() for t in (*tensors_in, *tensors_out))
-        floating = [t.dtype for t in (*tensors_in, *tensors_out) if t.dtype.is_floating_point]
-        dtype = str(floating[0]).removeprefix("torch.") if floating else "other"
-        key = (func.overloadpacket.__name__, dtype, flops, moved)
+        name, is_view, formula = known
+        tensors = [*_tensors(args), *_tensors(kwargs.values()), *_tensors(out if isinstance(out, (list, tuple)) else (out,))]
+        moved = 0 if is_view else sum(t.numel() * t.element_size() for t in tensors)
+        dtype = next((t.dtype for t in tensors if t.dtype.is_floating_point), None)
+        key = (name, str(dtype).removeprefix("torch.") if dtype is not None else "other",
+               formula(args, kwargs, out) if formula is not None else 0, moved)
         self.calls[key] = self.calls.get(key, 0) + 1
 
     def as_list(self) -> list[list]:
