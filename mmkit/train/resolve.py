@@ -58,8 +58,11 @@ TRAINING_KEYS = tuple(TrainingRecipe.model_fields)
 FLAG_NAMES = {  # training keys that have a flag of their own, as the user types it
     "batch_size": "--batch-size", "size": "--size", "epochs": "--epochs", "seed": "--seed",
     "train_fraction": "--train-fraction", "compile": "--compile", "precision": "--precision",
-    "optimizer": "--optimizer", "gradient_checkpointing": "--grad-checkpointing",
+    "optimizer": "--optimizer", "gradient_checkpointing": "--grad-checkpointing", "strategy": "--strategy",
 }
+
+
+SET_ALIASES = {"fsdp.wrap": "fsdp_wrap"}  # `--set fsdp.wrap=[Block,...]`
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class RunOptions:
     device: str = "auto"  # where the run trains: auto, cpu, cuda, cuda:N
     set_items: tuple[tuple[str, Any], ...] = ()  # `--set KEY=VALUE`, parsed, in the order given
     nproc: int = 1  # data-parallel processes; a batch is global
+    strategy: Literal["ddp", "fsdp"] | None = None  # with several processes: replicate or shard (FSDP2)
     margin: float | None = None  # fraction of VRAM kept free (default: the GPU preset's)
     prefer: Literal["width", "batch"] | None = None  # when size and batch are both auto
     allow_nonfinite: bool = False  # train on data holding NaN or Inf (refused otherwise)
@@ -170,6 +174,7 @@ def split_set_options(options: Mapping[str, Any], model_keys: tuple[str, ...] = 
     """`--set` keys: `model.*` (and `model_keys`) go to the model, the rest are training settings."""
     model, training = {}, {}
     for key, value in options.items():
+        key = SET_ALIASES.get(key, key)
         if key.startswith("model.") or key in model_keys:
             model[key.removeprefix("model.")] = value
         elif key in TRAINING_KEYS:
@@ -365,6 +370,11 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
         _check_continual_model(entry, config, options, recipe, given, training_sets)
         resolved_recipe = resolved_recipe.model_copy(update={"epochs": recipe.tasks * recipe.epochs_per_task})
     weights = _check_weights(entry, config, options.weights) if options.weights else None
+    if recipe.fsdp_wrap and recipe.strategy == "fsdp":  # an unknown class name: one line, before any worker
+        from mmkit.train.sharding import block_classes
+
+        with torch.device("meta"):
+            block_classes(build_model(entry, config), recipe.fsdp_wrap)
     return ResolvedRun(
         options=options, entry=entry, size=size_name, config=config, recipe=resolved_recipe, data=data_spec,
         data_seed=data_seed, input_shapes=shapes, num_classes=num_classes, device=device, precision=choice,

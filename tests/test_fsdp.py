@@ -1,0 +1,157 @@
+"""Fully sharded data parallel (`--strategy fsdp`, FSDP2) with the gloo backend, two CPU processes.
+
+The runs are the real thing, as in test_ddp: `mmkit train ... --nproc-per-node 2 --strategy fsdp`
+(or torchrun), with test_ddp's `sitecustomize` hooks on the workers' path (the files each rank
+writes, a SIGTERM to the launcher or a `kill -9` of rank 1 at a chosen step).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses, trained_run
+from test_ddp import mmkit, relative_l2, run_files, run_workers, words
+from torch import nn
+from typer.testing import CliRunner
+
+from mmkit.cli.app import app
+from mmkit.errors import MmkitError
+from mmkit.train.sharding import block_classes, default_block_classes, sharding_units
+
+runner = CliRunner()
+
+# 500 training samples (a tenth of synthetic-cifar's 5000) in global batches of 32: 16 steps per
+# epoch, the last one of 20 samples (10 per rank); a checkpoint every 5 steps besides each epoch's
+TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2", "--train-fraction", "0.1",
+         "--set", "checkpoint_every_steps=5")
+FSDP = ("--nproc-per-node", "2", "--strategy", "fsdp")
+# relative L2 over all weights. Two ranks run each matmul at half the batch and reduce-scatter the
+# gradients: float rounding only (measured ~1e-5 after 32 AdamW steps). A wrong gradient average
+# (one rank's gradient alone, a missing reduce-scatter) gives > 1e-2.
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_run(tmp_path_factory.mktemp("single"), TRAIN)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An uninterrupted two-process FSDP run, and the folder with what its workers reported."""
+    base = tmp_path_factory.mktemp("fsdp")
+    run, out = base / "R", base / "hooks"
+    done = run_workers(mmkit(*TRAIN, "--out", str(run), *FSDP), run, out)
+    assert done.returncode == 0, done.stderr
+    assert f"run saved in {run}" in words(done.stdout)
+    return run, out
+
+
+def test_fsdp_matches_one_process_and_only_rank_0_writes(single: Path, sharded: tuple[Path, Path]) -> None:
+    run, out = sharded
+    assert json.loads((run / "run.json").read_text())["training"]["strategy"] == "fsdp"
+    gap = relative_l2(last_model(single), last_model(run))
+    print(f"multichannel, 1 process vs FSDP on 2: relative L2 of all weights {gap:.3e}")
+    assert gap <= TOLERANCE
+    # the checkpoint holds the full (unsharded) weights, gathered: rank 0's final weights are them
+    from safetensors.torch import load_file
+
+    assert_bitwise_equal(load_file(out / "rank0.safetensors"), last_model(run))
+    assert last_model(run).keys() == last_model(single).keys()
+    # the optimizer state is written as one process writes it (indices, the same tensors)
+    meta = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())["optimizer"]
+    assert meta == json.loads((last_checkpoint(single) / "trainer_state.json").read_text())["optimizer"]
+    assert (out / "writes-rank1.txt").read_text() == ""  # rank 1 wrote nothing in the run directory
+    assert run_files(run) == run_files(single)
+    assert [r["world_size"] for r in history(run)] == [2, 2]
+
+
+def test_sigterm_then_resume_with_fsdp_is_bitwise_the_uninterrupted_run(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    run = tmp_path / "R"
+    stopped = run_workers(mmkit(*TRAIN, "--out", str(run), *FSDP), run, tmp_path / "hooks",
+                          DDP_TEST_STOP_AT="13", DDP_TEST_STOP_HOW="sigterm-launcher")
+    assert stopped.returncode == 143, stopped.stderr
+    assert last_checkpoint(run).name == "step-00000013"
+    resumed = run_workers(mmkit("resume", str(run), *FSDP), run, tmp_path / "hooks2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(last_model(sharded[0]), last_model(run))
+    assert losses(run) == losses(sharded[0])
+    assert (tmp_path / "hooks2" / "writes-rank1.txt").read_text() == ""
+
+
+def test_kill_9_of_one_rank_then_resume_in_one_process(tmp_path: Path, sharded: tuple[Path, Path]) -> None:
+    run = tmp_path / "R"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "mmkit", *TRAIN, "--strategy", "fsdp", "--out", str(run)]
+    killed = run_workers(torchrun, run, tmp_path / "hooks", DDP_TEST_STOP_AT="23", DDP_TEST_STOP_HOW="kill-rank-1")
+    assert killed.returncode != 0 and "exitcode: -9" in killed.stderr
+    assert last_checkpoint(run).name == "step-00000020"  # the last periodic checkpoint before step 23
+
+    result = runner.invoke(app, ["resume", str(run)])  # one process: the strategy does not matter
+    assert result.exit_code == 0, result.output
+    assert "written by 2 processes, continued by 1" in words(result.output)
+    gap = relative_l2(last_model(sharded[0]), last_model(run))
+    print(f"FSDP on 2 vs FSDP on 2 then 1 process after kill -9: relative L2 {gap:.3e}")
+    assert gap <= TOLERANCE
+    assert [r["world_size"] for r in history(run)] == [2, 1]
+
+
+def test_lfm2_fsdp_with_checkpointing_matches_one_process(tmp_path: Path) -> None:
+    """lfm2 (width 64, activation checkpointing composed with FSDP). Its BatchNorms normalize over
+    the samples one forward sees, so the one-process run trains the same halves of each batch as
+    micro-batches (grad_accum 2), and the running statistics (each rank's own) are left out. SGD:
+    AdamW's first steps turn rounding noise in near-zero gradients into steps of ±lr."""
+    args = ("train", "lfm2", "--preset", "quick", "--epochs", "1", "--size", "w64", "--train-fraction", "0.04",
+            "--set", "optimizer=sgd", "--set", "gradient_checkpointing=true", "--set", "model.dropout=0.0")
+    one = trained_run(tmp_path / "one", (*args, "--set", "grad_accum=2"))
+    run = tmp_path / "fsdp"
+    done = run_workers(mmkit(*args, "--out", str(run), *FSDP), run, tmp_path / "hooks")
+    assert done.returncode == 0, done.stderr
+    a, b = last_model(one), last_model(run)
+    parameters = [k for k in a if "running_" not in k and "num_batches_tracked" not in k]
+    gap = relative_l2({k: a[k] for k in parameters}, {k: b[k] for k in parameters})
+    print(f"lfm2 w64, 1 process (2 micro-batches) vs FSDP on 2: relative L2 of the parameters {gap:.3e}")
+    assert gap <= TOLERANCE
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.up(x).relu())
+
+
+class _UserModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+
+def test_sharding_units_default_to_the_largest_repeated_block_and_can_be_named() -> None:
+    model = _UserModel()
+    assert default_block_classes(model) == (_Block,)  # not nn.Linear: fewer parameters per instance
+    assert sharding_units(model, (_Block,)) == list(reversed(list(model.blocks)))
+    assert block_classes(model, ["Linear"]) == (nn.Linear,)
+    with pytest.raises(MmkitError, match="--set fsdp.wrap: Blok is not a module class of this model; its classes: "
+                                         "Linear, _Block"):
+        block_classes(model, ["Blok"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--strategy", "zero3"], "--strategy 'zero3': valid: ddp, fsdp"),
+    (["--strategy", "fsdp", "--set", "fsdp.wrap=[Nope]"], "--set fsdp.wrap: Nope is not a module class of this model"),
+])
+def test_bad_strategy_options_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, [*TRAIN, "--out", str(tmp_path / "R"), *args])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "R").exists()
