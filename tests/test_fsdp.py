@@ -8,6 +8,8 @@ writes, a SIGTERM to the launcher or a `kill -9` of rank 1 at a chosen step).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -155,3 +157,59 @@ def test_bad_strategy_options_are_one_line(tmp_path: Path, args: list[str], mess
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "R").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-rank planning: the simulated step of one rank against the live-storage peak on real gloo ranks
+
+MEASURE_RANK = r'''
+import json, os, sys
+import torch.distributed as dist
+from mmkit.models.registry import get_model_entry, size_config
+from mmkit.plan.memory import StepSettings, measure_training_steps
+
+dist.init_process_group("gloo")
+peaks = {}
+for name, size, batch, checkpointing in json.loads(sys.argv[2]):
+    entry = get_model_entry(name)
+    config = size_config(entry, size)[1].model_copy(update={"gradient_checkpointing": True} if checkpointing else {})
+    step = StepSettings(batch_size=batch, shards=dist.get_world_size())
+    peaks[name] = measure_training_steps(entry, config, step, steps=0).peak_tensors
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(peaks, f)
+dist.destroy_process_group()
+'''
+
+# (model, size, per-rank batch, activation checkpointing)
+PLANNED = {2: [("multichannel", "default", 16, False), ("lfm2", "w64", 4, True)],
+           4: [("multichannel", "default", 8, False)]}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_simulated_fsdp_rank_peak_equals_the_peak_on_every_real_gloo_rank(tmp_path: Path, world_size: int) -> None:
+    from mmkit.models.registry import get_model_entry, size_config
+    from mmkit.plan.memory import StepSettings, config_param_count, simulate_training_step
+
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE_RANK)
+    cases = PLANNED[world_size]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
+         str(script), str(tmp_path), json.dumps(cases)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
+    for name, size, batch, checkpointing in cases:
+        entry = get_model_entry(name)
+        config = size_config(entry, size)[1].model_copy(
+            update={"gradient_checkpointing": True} if checkpointing else {})
+        simulated = simulate_training_step(entry, config, StepSettings(batch_size=batch, shards=world_size))
+        ranks = [m[name] for m in measured]
+        print(f"{name} {size}, FSDP on {world_size}, batch {batch} per rank: simulated {simulated.peak_tensors:,} B, "
+              f"measured {', '.join(f'{p:,}' for p in ranks)} B")
+        assert simulated.all_gather > 0  # the all-gather buffers and unsharded weights are counted
+        assert simulated.weights < config_param_count(entry, config) * 4 * 0.6  # weights: the rank's shards
+        assert simulated.peak_tensors == ranks[0]  # rank 0 holds the first (and a full-size) shard of each weight
+        assert all(abs(p - simulated.peak_tensors) <= 0.03 * p for p in ranks)  # the last rank's shards can be shorter
+

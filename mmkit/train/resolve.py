@@ -487,7 +487,8 @@ def _fit(entry: ModelEntry, gpu: GpuPreset, recipe: TrainingSettings, overrides:
         entry, gpu, size=str(recipe.size), batch_size=batch, overrides=overrides, data_parallel=options.nproc,
         precision=precision, optimizer=recipe.optimizer, gradient_checkpointing=recipe.gradient_checkpointing,
         margin=options.margin, min_batch_size=recipe.min_batch_size, max_batch_size=recipe.max_batch_size,
-        prefer=options.prefer or "width",
+        prefer=options.prefer or "width", strategy=recipe.strategy,
+        fsdp_wrap=tuple(recipe.fsdp_wrap) if recipe.fsdp_wrap else None,
     )
 
 
