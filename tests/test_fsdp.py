@@ -213,3 +213,22 @@ def test_simulated_fsdp_rank_peak_equals_the_peak_on_every_real_gloo_rank(tmp_pa
         assert simulated.peak_tensors == ranks[0]  # rank 0 holds the first (and a full-size) shard of each weight
         assert all(abs(p - simulated.peak_tensors) <= 0.03 * p for p in ranks)  # the last rank's shards can be shorter
 
+
+
+def test_memory_plan_fsdp_holds_a_quarter_of_the_model_states_per_rank() -> None:
+    def plan(*args: str) -> dict:
+        result = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "rtx3050", "--size", "default",
+                                     "--precision", "fp32", "--batch-size", "64", "--nproc", "4", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    ddp, fsdp = plan(), plan("--strategy", "fsdp")
+    assert (ddp["strategy"], fsdp["strategy"], fsdp["per_rank_batch_size"]) == ("ddp", "fsdp", 16)
+    # each rank keeps a quarter of every weight and of its AdamW state (dim 0, the last rows padded;
+    # each storage rounded up to the CUDA allocator's 512 bytes, as for the GPU it is planned for)
+    for states in ("weights", "optimizer"):
+        assert fsdp["train"][states] == pytest.approx(ddp["train"][states] / 4, rel=0.01), states
+    assert fsdp["train"]["all_gather"] > 0 and ddp["train"]["all_gather"] == 0
+    assert "ddp_gradient_buckets" not in fsdp["train"]["overhead_lines"]
+    assert "fsdp" in fsdp["method"] and "fsdp" not in ddp["method"]
+    assert fsdp["train"]["total"] < ddp["train"]["total"]

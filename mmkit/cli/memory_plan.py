@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from mmkit.plan.fit import Candidate
     from mmkit.plan.planner import MemoryPlan
     from mmkit.plan.search import SearchResult
-    from mmkit.train.resolve import RunOptions
+    from mmkit.train.resolve import ResolvedRun, RunOptions
 
 BAR_WIDTH = 30
 
@@ -122,11 +122,19 @@ def memory_plan_cli(
 
 def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
     """Resolve `options` exactly as `mmkit train` does (mmkit.train.resolve), then simulate."""
-    from mmkit.data.catalog import BUILTIN_DATASETS
-    from mmkit.plan.planner import plan_memory
+    from mmkit.plan.memory import release_fake_process_group
     from mmkit.train.resolve import resolve_run
 
-    resolved = resolve_run(options, load_data=False, simulate=True)
+    try:
+        return _plan_resolved(resolve_run(options, load_data=False, simulate=True), options, measure)
+    finally:
+        release_fake_process_group()  # a sharded plan's fake ranks
+
+
+def _plan_resolved(resolved: ResolvedRun, options: RunOptions, measure: bool) -> MemoryPlan:
+    from mmkit.data.catalog import BUILTIN_DATASETS
+    from mmkit.plan.planner import plan_memory
+
     assert resolved.fit is not None and resolved.gpu is not None  # simulate=True always fits
     notes = list(resolved.notes)
     if resolved.device == "cpu" and resolved.gpu.device_type == "cuda":

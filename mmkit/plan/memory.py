@@ -229,6 +229,14 @@ def fake_device_mesh(world_size: int) -> Any:
     return init_device_mesh("cpu", (world_size,))
 
 
+def release_fake_process_group() -> None:
+    """Destroy the fake process group `fake_device_mesh` made, if any (its rigs are done)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "fake":
+        dist.destroy_process_group()
+
+
 def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool = True) -> list[StepMemory]:
     """Simulate several batch sizes on one rig; with two or more cores, forked children take all
     but the last (results come back as JSON over a pipe). A failed child is simulated again here.
