@@ -232,3 +232,24 @@ def test_memory_plan_fsdp_holds_a_quarter_of_the_model_states_per_rank() -> None
     assert "ddp_gradient_buckets" not in fsdp["train"]["overhead_lines"]
     assert "fsdp" in fsdp["method"] and "fsdp" not in ddp["method"]
     assert fsdp["train"]["total"] < ddp["train"]["total"]
+
+
+@pytest.mark.slow
+def test_memory_plan_lfm2_original_on_four_ranks_fsdp_states_are_a_quarter_of_ddps() -> None:
+    """The command of docs/fsdp.md: lfm2 `original` on four RTX 3050s, batch auto per rank."""
+    import time
+
+    def plan(*args: str) -> tuple[dict, float]:
+        start = time.perf_counter()
+        result = runner.invoke(app, ["memory-plan", "lfm2", "--size", "original", "--gpu", "rtx3050", "--nproc", "4",
+                                     "--batch-size", "auto", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout), time.perf_counter() - start
+
+    (fsdp, seconds), (ddp, _) = plan("--strategy", "fsdp"), plan()
+    print(f"memory-plan lfm2 original, 4 ranks, fsdp: {seconds:.1f} s; per-rank weights {fsdp['train']['weights']:,} B "
+          f"vs DDP's {ddp['train']['weights']:,} B; optimizer {fsdp['train']['optimizer']:,} vs "
+          f"{ddp['train']['optimizer']:,} B; batch per rank {fsdp['per_rank_batch_size']} (DDP: fits {ddp['fits']})")
+    for states in ("weights", "optimizer"):
+        assert fsdp["train"][states] == pytest.approx(ddp["train"][states] / 4, rel=0.01), states
+    assert fsdp["fits"] and not ddp["fits"]  # on a 4 GB card the sharded model trains, the replicated one does not
