@@ -27,9 +27,11 @@ from mmkit.train.sharding import block_classes, default_block_classes, sharding_
 runner = CliRunner()
 
 # 500 training samples (a tenth of synthetic-cifar's 5000) in global batches of 32: 16 steps per
-# epoch, the last one of 20 samples (10 per rank); a checkpoint every 5 steps besides each epoch's
+# epoch, the last one of 20 samples (10 per rank); a checkpoint every 5 steps besides each epoch's.
+# Validation and test in 3 batches of up to 384: rank 0 evaluates two, rank 1 one (and one more
+# forward in step, for the all-gathers)
 TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2", "--train-fraction", "0.1",
-         "--set", "checkpoint_every_steps=5")
+         "--set", "checkpoint_every_steps=5", "--set", "eval_batch_size=384")
 FSDP = ("--nproc-per-node", "2", "--strategy", "fsdp")
 # relative L2 over all weights. Two ranks run each matmul at half the batch and reduce-scatter the
 # gradients: float rounding only (measured ~1e-5 after 32 AdamW steps). A wrong gradient average
@@ -69,6 +71,11 @@ def test_fsdp_matches_one_process_and_only_rank_0_writes(single: Path, sharded: 
     assert meta == json.loads((last_checkpoint(single) / "trainer_state.json").read_text())["optimizer"]
     assert (out / "writes-rank1.txt").read_text() == ""  # rank 1 wrote nothing in the run directory
     assert run_files(run) == run_files(single)
+    # the final test, sharded over the two ranks (3 batches), predicts exactly as `mmkit eval` in one process
+    result = runner.invoke(app, ["eval", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    alone, sharded_test = json.loads(result.stdout), json.loads((run / "metrics.json").read_text())
+    assert alone["confusion_matrix"] == sharded_test["confusion_matrix"] and alone["uar"] == sharded_test["uar"]
     assert [r["world_size"] for r in history(run)] == [2, 2]
 
 
