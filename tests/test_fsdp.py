@@ -158,6 +158,7 @@ def test_sharding_units_default_to_the_largest_repeated_block_and_can_be_named()
 @pytest.mark.parametrize(("args", "message"), [
     (["--strategy", "zero3"], "--strategy 'zero3': valid: ddp, fsdp"),
     (["--strategy", "fsdp", "--set", "fsdp.wrap=[Nope]"], "--set fsdp.wrap: Nope is not a module class of this model"),
+    (["--strategy", "fsdp", "--nproc-per-node", "2", "--batch-size", "auto"], "give --size and --batch-size"),
 ])
 def test_bad_strategy_options_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     result = runner.invoke(app, [*TRAIN, "--out", str(tmp_path / "R"), *args])

@@ -99,7 +99,7 @@ def memory_plan_cli(
         margin=margin, prefer=prefer, inputs=parse_input_options(input_), target_batch=target_batch,  # type: ignore[arg-type]
         strategy=strategy,  # type: ignore[arg-type]
     )
-    recipe = check_request(options)
+    recipe = check_request(options, planning=True)
     if prefer is not None and (target_batch is not None or not (recipe.size == "auto" and recipe.batch_size == "auto")):
         raise MmkitError(
             f"--prefer {prefer} only applies when size and batch are both auto "

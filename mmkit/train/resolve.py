@@ -223,13 +223,27 @@ def check_continual_length(preset: str, recipe: TrainingSettings, given: Mapping
         )
 
 
-def check_request(options: RunOptions) -> TrainingSettings:
-    """What can be checked without data or simulation (before torchrun starts workers)."""
+def check_request(options: RunOptions, *, planning: bool = False) -> TrainingSettings:
+    """What can be checked without data or simulation (before torchrun starts workers).
+    `planning`: for memory-plan, which fits what training with several processes cannot yet."""
     get_model_entry(options.model)
     recipe = _recipe(options)
     if recipe.tasks and options.nproc > 1:
         raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
+    if not planning:
+        _check_sharded_sizes(options, recipe)
     return recipe
+
+
+def _check_sharded_sizes(options: RunOptions, recipe: TrainingSettings) -> None:
+    """Training with FSDP in several processes takes a given size and batch: the sharded step is
+    simulated over a fake process group, which the workers (inside their real one) cannot make."""
+    if recipe.strategy == "fsdp" and options.nproc > 1 and "auto" in (recipe.size, recipe.batch_size):
+        raise MmkitError(
+            f"--strategy fsdp with {options.nproc} processes trains a given size and batch (auto is fitted per rank by "
+            f"`mmkit memory-plan {options.model} --nproc {options.nproc} --strategy fsdp --batch-size auto`, not yet "
+            "inside the workers); give --size and --batch-size"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +302,8 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
     entry = get_model_entry(options.model)
     model_sets, training_sets = options.set_options()
     recipe = _recipe(options)
+    if not simulate:
+        _check_sharded_sizes(options, recipe)
     if options.weights:  # a pickle or a missing file is refused before any data is read
         from mmkit.models.weights import weight_files
 
