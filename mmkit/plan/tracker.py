@@ -233,7 +233,7 @@ def fsdp_gradients_tracked(tracker: LiveStorageTracker) -> Iterator[None]:
     """Under FSDP, classify each rank's sharded gradients as `gradients` as soon as the
     reduce-scatter leaves them (autograd accumulates only into the unsharded weights, whose
     gradients FSDP consumes). Follows FSDP2's internal `foreach_reduce`; without it (another torch)
-    the sharded gradients stay in `other` until the optimizer phase."""
+    the sharded gradients are counted in `other`: the total is the same."""
     try:
         from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
     except ImportError:
