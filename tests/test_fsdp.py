@@ -111,6 +111,7 @@ def test_kill_9_of_one_rank_then_resume_in_one_process(tmp_path: Path, sharded: 
     assert [r["world_size"] for r in history(run)] == [2, 1]
 
 
+@pytest.mark.slow  # two lfm2 runs, each evaluating 960 clips: ~30 s
 def test_lfm2_fsdp_with_checkpointing_matches_one_process(tmp_path: Path) -> None:
     """lfm2 (width 64, activation checkpointing composed with FSDP). Its BatchNorms normalize over
     the samples one forward sees, so the one-process run trains the same halves of each batch as
