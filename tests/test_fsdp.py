@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from runhelpers import assert_bitwise_equal, history, last_checkpoint, last_model, losses, trained_run
+from safetensors.torch import load_file
 from test_ddp import mmkit, relative_l2, run_files, run_workers, words
 from torch import nn
 from typer.testing import CliRunner
@@ -34,8 +35,8 @@ TRAIN = ("train", "multichannel", "--preset", "quick", "--epochs", "2", "--train
          "--set", "checkpoint_every_steps=5", "--set", "eval_batch_size=384")
 FSDP = ("--nproc-per-node", "2", "--strategy", "fsdp")
 # relative L2 over all weights. Two ranks run each matmul at half the batch and reduce-scatter the
-# gradients: float rounding only (measured ~1e-5 after 32 AdamW steps). A wrong gradient average
-# (one rank's gradient alone, a missing reduce-scatter) gives > 1e-2.
+# gradients: float rounding only (measured 6e-7 after 32 AdamW steps on a 2-core EPYC; DDP's test
+# allows more for CPUs whose kernels round differently per batch size).
 TOLERANCE = 1e-4
 
 
@@ -62,8 +63,6 @@ def test_fsdp_matches_one_process_and_only_rank_0_writes(single: Path, sharded: 
     print(f"multichannel, 1 process vs FSDP on 2: relative L2 of all weights {gap:.3e}")
     assert gap <= TOLERANCE
     # the checkpoint holds the full (unsharded) weights, gathered: rank 0's final weights are them
-    from safetensors.torch import load_file
-
     assert_bitwise_equal(load_file(out / "rank0.safetensors"), last_model(run))
     assert last_model(run).keys() == last_model(single).keys()
     # the optimizer state is written as one process writes it (indices, the same tensors)
