@@ -28,6 +28,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -160,6 +161,8 @@ class TrainingRecipe(BaseModel):
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (falls back to eager, with a warning, where it cannot)
     seed: int = Field(default=0, ge=0, lt=2**63)  # torch seeds a generator with a 64-bit integer
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
+    fsdp_wrap: list[str] | None = None  # FSDP: the module classes sharded as units (None: the model's blocks)
     gpu: str | None = None  # the GPU `auto` size/batch is fitted to (None: the local device)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     schedule: Literal["cosine", "cosine-restarts", "constant"] = "cosine"
@@ -177,6 +180,14 @@ class TrainingRecipe(BaseModel):
     replay_ratio: float = Field(default=0.5, ge=0, lt=1)  # fraction of each batch drawn from memory
     text_cache: bool = True  # encode each class prompt once per step, not once per sample
     freeze_text_encoder: bool = False  # keep the text tower fixed (then prompts are encoded once)
+
+    @field_validator("fsdp_wrap", mode="before")
+    @classmethod
+    def _class_names(cls, value: Any) -> Any:
+        """`--set fsdp.wrap=[Block,Head]` arrives as one string: split it into class names."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.strip().strip("[]").split(",") if name.strip()]
+        return value
 
 
 class TrainingPreset(TrainingRecipe):

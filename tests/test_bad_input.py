@@ -104,7 +104,7 @@ CASES = {
     "resume/broken-run-json": ("resume {broken_run}", "run.json: invalid JSON"),
     "resume/zero-epochs": ("resume {run} --epochs 0", "Invalid value for '--epochs'"),
     "resume/set-batch-size": ("resume {run} --set batch_size=8", "--set batch_size: resume can change only lr, "
-                              "grad_clip, epochs, checkpoint_every, checkpoint_every_steps, keep_last;"),
+                              "grad_clip, epochs, checkpoint_every, checkpoint_every_steps, keep_last, strategy;"),
     "resume/set-model-key": ("resume {run} --set model.width=8", "--set model.width: resume can change only lr,"),
     "resume/set-bad-lr": ("resume {run} --set lr=-1", "--set lr=-1: Input should be greater than 0"),
     "resume/set-zero-epochs": ("resume {run} --set epochs=0", "--set epochs=0: Input should be greater than 0"),

@@ -79,7 +79,8 @@ if "RANK" in os.environ and os.environ.get("DDP_TEST_OUT"):
     real_final_test = loop.final_test
 
     def final_test(run_dir, config, model, *args, **kwargs):  # the rank's weights after the last step
-        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone().contiguous()
+                 for k, v in model.state_dict().items()}  # a sharded (FSDP) model's weights gathered
         save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
         return real_final_test(run_dir, config, model, *args, **kwargs)
 

@@ -101,6 +101,8 @@ def documented_files(page: Path) -> dict[str, str]:
 def is_fast(argv: list[str]) -> bool:
     if "--target-batch" in argv:  # a search simulates every configuration: tests/test_search.py runs it
         return False
+    if "fsdp" in argv:  # a sharded plan of a large model takes many seconds: tests/test_fsdp.py runs one
+        return False
     if argv[0] == "compare":  # the static block alone takes seconds; training takes minutes
         return "--epochs" in argv and argv[argv.index("--epochs") + 1] == "0"
     if argv[:2] == ["data", "info"]:  # a built-in set is generated in a second or two

@@ -17,7 +17,8 @@ import typer
 import typer.core
 
 # torch-free: these options are checked, and `--help` shown, before torch is loaded
-from mmkit.train.workers import Launch, in_worker
+from mmkit.errors import MmkitError
+from mmkit.train.workers import STRATEGIES, Launch, in_worker
 
 # Typer >= 0.20 vendors click as typer._click; older releases use click itself.
 click: Any = getattr(typer.core, "_click", None) or __import__("click")
@@ -29,6 +30,11 @@ NprocOption = Annotated[
 ]
 NnodesOption = Annotated[int | None, typer.Option("--nnodes", min=1, help="Nodes in a multi-node run (with --node-rank and --rdzv-endpoint).")]
 NodeRankOption = Annotated[int | None, typer.Option("--node-rank", min=0, help="This node's rank: 0 on the node at --rdzv-endpoint.")]
+StrategyOption = Annotated[
+    str | None,
+    typer.Option("--strategy", help="With several processes: ddp (every process holds the whole model) or fsdp "
+                 "(FSDP2: weights, gradients and optimizer state sharded across the processes); one process ignores it."),
+]
 RdzvOption = Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node.")]
 
 LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
@@ -79,6 +85,11 @@ def run_launch(launch: Launch, command: str, run_dir: Path, overrides: dict[str,
     if outcome.message:
         print(f"mmkit: error: {outcome.message}", file=sys.stderr)
     raise typer.Exit(outcome.exit_code)
+
+
+def check_strategy(strategy: str | None) -> None:
+    if strategy is not None and strategy not in STRATEGIES:
+        raise MmkitError(f"--strategy {strategy!r}: valid: {', '.join(STRATEGIES)}")
 
 
 def worker_rank() -> int:

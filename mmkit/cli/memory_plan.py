@@ -19,6 +19,7 @@ from mmkit.cli.common import (
 )
 from mmkit.errors import MmkitError
 from mmkit.cli.common import MODEL_HELP, InputOption
+from mmkit.cli.launch import check_strategy
 from mmkit.models.catalog import check_model_name, parse_input_options
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from mmkit.plan.planner import MemoryPlan
     from mmkit.plan.search import SearchResult
     from mmkit.plan.timing import TimeEstimate
-    from mmkit.train.resolve import RunOptions
+    from mmkit.train.resolve import ResolvedRun, RunOptions
 
 BAR_WIDTH = 30
 
@@ -57,6 +58,10 @@ def memory_plan_cli(
         int, typer.Option("--nproc", min=1, help="Data-parallel processes (one GPU each): --batch-size is global, each "
                           "process plans its share, plus DDP's gradient buckets.")
     ] = 1,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="With --nproc > 1: ddp (each process holds the whole model) or fsdp "
+                                 "(one rank's sharded step simulated over a fake process group).")
+    ] = None,
     device: Annotated[
         str, typer.Option("--device", help="Where the planned run trains, which sets its precision: auto (as `mmkit "
                           "train` would on this machine), cpu, or cuda (on the --gpu preset's GPU, present here or not).")
@@ -86,6 +91,7 @@ def memory_plan_cli(
         raise MmkitError(f"unknown optimizer {optimizer!r}; valid: adamw, sgd")
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise MmkitError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+    check_strategy(strategy)
     model = model or MmkitSettings().model
     check_model_name(model)  # a mistyped name is reported before torch loads, and before any note
     from mmkit.train.resolve import RunOptions, check_request
@@ -95,8 +101,9 @@ def memory_plan_cli(
         precision=precision, optimizer=optimizer, gradient_checkpointing=grad_checkpointing,  # type: ignore[arg-type]
         data=data, gpu=gpu, device=device, set_items=tuple(parse_set_options(set_).items()), nproc=nproc,
         margin=margin, prefer=prefer, inputs=parse_input_options(input_), target_batch=target_batch,  # type: ignore[arg-type]
+        strategy=strategy,  # type: ignore[arg-type]
     )
-    recipe = check_request(options)
+    recipe = check_request(options, planning=True)
     if prefer is not None and (target_batch is not None or not (recipe.size == "auto" and recipe.batch_size == "auto")):
         raise MmkitError(
             f"--prefer {prefer} only applies when size and batch are both auto "
@@ -122,11 +129,19 @@ def memory_plan_cli(
 
 def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
     """Resolve `options` exactly as `mmkit train` does (mmkit.train.resolve), then simulate."""
-    from mmkit.data.catalog import BUILTIN_DATASETS
-    from mmkit.plan.planner import plan_memory
+    from mmkit.plan.memory import release_fake_process_group
     from mmkit.train.resolve import resolve_run
 
-    resolved = resolve_run(options, load_data=False, simulate=True)
+    try:
+        return _plan_resolved(resolve_run(options, load_data=False, simulate=True), options, measure)
+    finally:
+        release_fake_process_group()  # a sharded plan's fake ranks
+
+
+def _plan_resolved(resolved: ResolvedRun, options: RunOptions, measure: bool) -> MemoryPlan:
+    from mmkit.data.catalog import BUILTIN_DATASETS
+    from mmkit.plan.planner import plan_memory
+
     assert resolved.fit is not None and resolved.gpu is not None  # simulate=True always fits
     notes = list(resolved.notes)
     if resolved.device == "cpu" and resolved.gpu.device_type == "cuda":
@@ -145,7 +160,7 @@ def plan_request(options: RunOptions, *, measure: bool = False) -> MemoryPlan:
         gradient_checkpointing=recipe.gradient_checkpointing, margin=options.margin,
         train_samples=round(splits[0] * recipe.train_fraction), val_samples=splits[1], epochs=recipe.epochs,
         measure=measure, notes=notes, nproc=options.nproc, grad_accum=recipe.grad_accum,
-        has_data=bool(resolved.data), search=resolved.search,
+        has_data=bool(resolved.data), search=resolved.search, strategy=recipe.strategy,
     )
 
 
@@ -207,7 +222,10 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
     console.print(f"on {gpu.display_name}: {human_bytes(gpu.vram_bytes)}, budget {human_bytes(budget)} "
                   f"(margin {plan.margin:.0%})")
 
+    sharded = plan.strategy == "fsdp"
     title = "training step — peak memory" + (f", per process (batch {fit.batch_size})" if plan.nproc > 1 else "")
+    if sharded:
+        title += f"; FSDP: weights, gradients and optimizer state are this rank's 1/{plan.nproc} shards"
     table = Table(title=title, title_justify="left")
     table.add_column("")
     table.add_column("bytes", justify="right")
@@ -218,7 +236,7 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
         labels = {
             "weights": "weights", "gradients": "gradients", "optimizer": "optimizer state",
             "activations": "activations", "other": "other (batch, temporaries)",
-        }
+        } | ({"all_gather": "all-gather buffers, unsharded weights"} if sharded else {})
         for key, label in labels.items():
             value = getattr(train, key)
             table.add_row(label, f"{value:,}", human_bytes(value), _bar(value, budget))

@@ -33,6 +33,8 @@ from mmkit.cli.launch import (
     NodeRankOption,
     NprocOption,
     RdzvOption,
+    StrategyOption,
+    check_strategy,
     requested_launch,
     run_launch,
 )
@@ -90,6 +92,7 @@ def train_cli(
                      "holding one (save_pretrained's); matched by name and shape. Never a pickle."),
     ] = None,
     nproc_per_node: NprocOption = None,
+    strategy: StrategyOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
     rdzv_endpoint: RdzvOption = None,
@@ -99,6 +102,7 @@ def train_cli(
     batch = parse_auto_int(batch_size, "--batch-size")
     set_items = tuple(parse_set_options(set_).items())
     inputs = parse_input_options(input_)
+    check_strategy(strategy)
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     check_model_name(model)  # a mistyped name is reported before torch loads
     from mmkit.train.distributed import process_group
@@ -110,7 +114,7 @@ def train_cli(
         train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
         nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite, inputs=inputs,
         target_batch=target_batch,
-        weights=weights,
+        weights=weights, strategy=strategy,  # type: ignore[arg-type]
     )
     if launch is not None:
         check_request(options)  # once, before any worker starts
@@ -190,6 +194,7 @@ def resume_cli(
         typer.Option("--set", help=f"Change a training setting from here on, recorded in run.json: {', '.join(RESUME_KEYS)} (repeatable)."),
     ] = None,
     nproc_per_node: NprocOption = None,
+    strategy: StrategyOption = None,
     nnodes: NnodesOption = None,
     node_rank: NodeRankOption = None,
     rdzv_endpoint: RdzvOption = None,
@@ -198,6 +203,11 @@ def resume_cli(
     """Continue a run exactly where its last checkpoint left it (model, optimizer, scaler, RNG, data order),
     with the same or another number of processes; --set changes the lr, clipping or length from there on."""
     overrides = parse_set_options(set_)
+    check_strategy(strategy)
+    if strategy is not None:  # kept in run.json unless given; recorded like --set strategy=...
+        if "strategy" in overrides:
+            raise MmkitError("strategy is given twice, as --strategy and as --set strategy=...; keep one")
+        overrides["strategy"] = strategy
     from mmkit.train.checkpoint import list_checkpoints
     from mmkit.train.config import RunConfig
     from mmkit.train.distributed import process_group

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, NamedTuple, Self
+from typing import Any, ClassVar, NamedTuple, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -62,6 +62,8 @@ class MultimodalModel(nn.Module):
     """
 
     config: ModelConfig
+    # the repeated blocks `--strategy fsdp` shards as units (empty: the largest repeated child class)
+    fsdp_blocks: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

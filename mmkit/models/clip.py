@@ -335,6 +335,8 @@ class ClipOutput(NamedTuple):
 
 
 class ClipModel(MultimodalModel):
+    fsdp_blocks = (TransformerBlock,)
+
     config: ClipConfig
     text_in_logits = False  # the class logits come from the image alone
 

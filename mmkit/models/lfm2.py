@@ -370,6 +370,8 @@ class ClassifierHead(nn.Sequential):
 
 
 class Lfm2EmotionNet(MultimodalModel):
+    fsdp_blocks = (ConformerLayer, GatedShortConvBlock, TransformerBlock, Lfm2Block)
+
     def __init__(self, config: Lfm2Config) -> None:
         super().__init__(config)
         checkpointing = config.gradient_checkpointing

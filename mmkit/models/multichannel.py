@@ -51,6 +51,8 @@ def stream_mlp(in_dim: int, hidden: tuple[int, int]) -> nn.Sequential:
 
 
 class MultichannelNet(MultimodalModel):
+    fsdp_blocks = (nn.Sequential,)  # the two stream MLPs
+
     def __init__(self, config: StreamConfig) -> None:
         super().__init__(config)
         self.color = stream_mlp(config.color_dim, config.hidden)

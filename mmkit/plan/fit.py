@@ -16,6 +16,9 @@ the per-rank share of the global batch — and each candidate carries one more o
 buffers (25 MiB each, the first 1 MiB) that together hold one copy of every trainable gradient,
 in the parameters' dtype (fp32 master weights here), allocated when the model is wrapped and kept
 for the whole run. It is an estimate from the parameter count (DDP is not simulated).
+With `strategy="fsdp"` each candidate is one rank's sharded step, simulated over a fake process
+group of `data_parallel` ranks (mmkit.plan.memory): the model states are that rank's shards, the
+all-gather buffers are simulated, and there are no DDP buckets.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class _Evaluator:
 
     def extra_overhead(self, size: str) -> dict[str, int]:
         """Overhead lines that do not depend on the batch: DDP's gradient buckets (estimated)."""
-        if self.data_parallel <= 1:
+        if self.data_parallel <= 1 or self.step.shards > 1:
             return {}
         return {"ddp_gradient_buckets": self._params[size] * DDP_GRADIENT_BYTES}
 
@@ -102,7 +105,7 @@ class _Evaluator:
         if size not in self._params:
             self._params[size] = config_param_count(self.entry, config)
         extra = self.extra_overhead(size)
-        bound = states_lower_bound(self._params[size], self.step.optimizer)
+        bound = states_lower_bound(self._params[size], self.step.optimizer) // self.step.shards
         bound_total = bound + sum(self.gpu.overhead_bytes(bound).values()) + sum(extra.values())
         todo = sorted({b for b in batch_sizes if (size, b) not in self.cache})
         if todo and bound_total > self.budget:
@@ -214,11 +217,14 @@ def fit_to_budget(
     max_batch_size: int = 256,
     prefer: Prefer = "width",
     data_parallel: int = 1,
+    strategy: str = "ddp",
+    fsdp_wrap: tuple[str, ...] | None = None,
 ) -> FitResult:
     """Choose size and batch (where `auto`) so that the simulated total fits `gpu`'s budget.
 
     With `data_parallel` > 1 the batch is per GPU (the per-rank share) and the DDP gradient
-    buckets are added to every candidate. `size` is a named size or wN of `entry`, or `auto` (the
+    buckets are added to every candidate (with `strategy="fsdp"`, one rank's sharded step is
+    simulated instead, units `fsdp_wrap` or the model's blocks). `size` is a named size or wN of `entry`, or `auto` (the
     ladder); `overrides` (data widths, model settings) are applied to every width.
     """
     overrides = dict(overrides or {})
@@ -226,7 +232,8 @@ def fit_to_budget(
         raise MmkitError(f"min_batch_size ({min_batch_size}) is above max_batch_size ({max_batch_size})")
     budget = gpu.budget_bytes(margin)
     step = StepSettings(
-        batch_size=1, precision=precision, optimizer=optimizer, gpu_target=gpu.device_type == "cuda"
+        batch_size=1, precision=precision, optimizer=optimizer, gpu_target=gpu.device_type == "cuda",
+        shards=data_parallel if strategy == "fsdp" else 1, fsdp_wrap=fsdp_wrap,
     )
     evaluate = _Evaluator(entry, gpu, budget, step, data_parallel)
 

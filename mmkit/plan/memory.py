@@ -11,6 +11,12 @@ optimizer kernels that torch picks on CUDA, whose temporaries differ from the fu
 (or SGD's per-parameter loop) that training uses on the CPU, and rounds every storage up to the CUDA allocator's 512-byte granule. What tensors cannot show — the CUDA
 context, library workspaces, allocator fragmentation — is added from the GPU preset as separate
 labelled lines.
+
+A sharded step (`StepSettings.shards` = N > 1, `--strategy fsdp`) is one rank's step of N: the
+fake model is sharded with the same `shard_model` that training uses, over a fake process group of
+world size N (torch's `fake` backend: collectives return at once, their buffers are allocated
+exactly as the real ones), so the rank's weight, gradient and optimizer shards, its all-gather
+buffers and unsharded weights, and the reduce-scatter's input are all on the tracker.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from mmkit.plan.tracker import (
     CATEGORIES,
     CUDA_ALLOCATION_GRANULE,
     LiveStorageTracker,
+    fsdp_gradients_tracked,
     track_model_state,
     track_optimizer_state,
 )
+from mmkit.train.sharding import shard_model
 from mmkit.train.step import AMP_DTYPES, build_grad_scaler, build_optimizer, training_step
 
 PLAN_LR = 1e-3  # any positive value: memory does not depend on it
@@ -50,6 +58,7 @@ class StepMemory:
     optimizer: int
     activations: int
     other: int
+    all_gather: int  # FSDP: all-gather buffers and unsharded weights (0 otherwise)
     peak_tensors: int
     peak_phase: str  # forward, backward or optimizer
     phase_peaks: dict[str, int] = field(default_factory=dict)  # the peak within each phase
@@ -71,6 +80,8 @@ class StepSettings:
     gpu_target: bool = False  # CUDA-like optimizer kernels and allocation granule
     grad_clip: float | None = 1.0
     contrastive_weight: float = 0.5  # clip/fusion train with a contrastive term
+    shards: int = 1  # FSDP: one rank's step of this many (1: the whole model on one device)
+    fsdp_wrap: tuple[str, ...] | None = None  # FSDP's units (`--set fsdp.wrap`; None: the model's blocks)
 
 
 def with_gradient_checkpointing(entry: ModelEntry, config: ModelConfig, enabled: bool) -> ModelConfig:
@@ -155,6 +166,10 @@ class FakeTrainingRig:
         step = self.step
         self.mode = FakeTensorMode()
         self.model = _fake_model(self.entry, self.config, self.mode)
+        if step.shards > 1:
+            mesh = fake_device_mesh(step.shards)  # outside the fake mode: the mesh holds real rank tensors
+            with self.mode:
+                shard_model(self.model, step.fsdp_wrap, mesh=mesh)
         with self.mode:
             self.optimizer = build_optimizer(
                 self.model, step.optimizer, PLAN_LR, PLAN_WEIGHT_DECAY,
@@ -195,7 +210,7 @@ class FakeTrainingRig:
         self._build()
         model = self.model.train()
         tracker = LiveStorageTracker(self.granule, record_costs=True)
-        with self.mode:
+        with self.mode, fsdp_gradients_tracked(tracker):
             handles = track_model_state(tracker, model, self.optimizer)
             tracker.track(self._persistent_extras(), "other")
             try:
@@ -231,6 +246,31 @@ class FakeTrainingRig:
                     model(**inputs)
         model.train()
         return tracker.peak.peak_bytes
+
+
+def fake_device_mesh(world_size: int) -> Any:
+    """A 1-D DeviceMesh over a fake process group of `world_size` ranks, this process rank 0; kept
+    for the process (a plan of another world size replaces it). Refused inside a real distributed
+    run, whose process group is the default one."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized() and dist.get_backend() != "fake":
+        raise MmkitError("a sharded (--strategy fsdp) step is simulated before the processes start: give "
+                         "--batch-size (find it with `mmkit memory-plan --nproc N --strategy fsdp --batch-size auto`)")
+    if dist.is_initialized() and dist.get_world_size() != world_size:
+        dist.destroy_process_group()
+    if not dist.is_initialized():
+        dist.init_process_group("fake", rank=0, world_size=world_size)
+    return init_device_mesh("cpu", (world_size,))
+
+
+def release_fake_process_group() -> None:
+    """Destroy the fake process group `fake_device_mesh` made, if any (its rigs are done)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "fake":
+        dist.destroy_process_group()
 
 
 def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool = True) -> list[StepMemory]:
@@ -334,6 +374,8 @@ def measure_training_steps(
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(entry, config).to(dev).train()
+    if step.shards > 1:  # one rank of a real FSDP run (the default process group has `shards` ranks)
+        shard_model(model, step.fsdp_wrap)
     optimizer = build_optimizer(model, step.optimizer, PLAN_LR, PLAN_WEIGHT_DECAY)
     scaler = build_grad_scaler(step.precision, dev.type)
     inputs = model.example_inputs(step.batch_size, device=dev, seed=0)
@@ -364,7 +406,7 @@ def measure_training_steps(
     if scaler is not None:
         tracker.track([scaler._scale, scaler._growth_tracker], "other")
     track_optimizer_state(tracker, optimizer)
-    with tracker:
+    with tracker, fsdp_gradients_tracked(tracker):
         run_step(tracker.set_phase)
     for handle in handles:
         handle.remove()

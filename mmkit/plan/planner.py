@@ -52,6 +52,7 @@ class MemoryPlan:
     measure: MeasureReport | None
     notes: list[str]
     nproc: int = 1  # data-parallel processes (one GPU each); the fit is per process
+    strategy: str = "ddp"  # fsdp: the fit is one rank's sharded step
     grad_accum: int = 1  # micro-batches per optimizer step (the recipe's)
     has_data: bool = True  # False: a model described by --input alone; the time is per step
     search: SearchResult | None = None  # `--target-batch`: the ranked ways to train, the fit is the winner's
@@ -77,6 +78,7 @@ class MemoryPlan:
             "gpu": {"name": self.gpu.name, "display_name": self.gpu.display_name, "vram_bytes": self.gpu.vram_bytes},
             "batch_size": self.batch_size,
             "nproc": self.nproc,
+            "strategy": self.strategy,
             "per_rank_batch_size": fit.batch_size,
             "precision": self.precision,
             "grad_accum": self.grad_accum,
@@ -112,7 +114,11 @@ class MemoryPlan:
                 "time": "estimate (see time.method)",
                 **({"ddp_gradient_buckets": "estimated, not simulated: DDP's gradient buckets hold one more copy "
                     "of every trainable gradient in the parameters' dtype (fp32), per process"}
-                   if self.nproc > 1 else {}),
+                   if self.nproc > 1 and self.strategy == "ddp" else {}),
+                **({"fsdp": f"simulated: one rank's step of {self.nproc} over a fake process group; weights, "
+                    "gradients and optimizer state are the rank's shards, all_gather the all-gather buffers and "
+                    "unsharded weights; the collective backend's own buffers (NCCL's) are not included"}
+                   if self.strategy == "fsdp" else {}),
             },
             "time": self.time.as_dict() if self.time else None,
             "notes": self.notes,
@@ -166,6 +172,7 @@ def plan_memory(
     grad_accum: int = 1,
     has_data: bool = True,
     search: SearchResult | None = None,
+    strategy: str = "ddp",
 ) -> MemoryPlan:
     """The plan of a resolved run (mmkit.train.resolve): its fit, inference simulated at the
     choice, the time estimated, and optionally real steps measured.
@@ -174,10 +181,14 @@ def plan_memory(
     nproc); the time is per epoch with every process taking its share of the `train_samples`
     (the training split after `train_fraction`), gradient all-reduce not included.
     """
+    sharded = strategy == "fsdp" and nproc > 1
     step = StepSettings(
         batch_size=fit.batch_size, precision=precision, optimizer=optimizer,
-        gpu_target=gpu.device_type == "cuda",
+        gpu_target=gpu.device_type == "cuda", shards=nproc if sharded else 1,
     )
+    if measure and sharded:
+        raise MmkitError("--measure runs one process; a sharded step is measured on real ranks (the gloo tests "
+                         "compare it with this simulation), drop --measure")
     rig = fit.rigs.get(fit.size) or FakeTrainingRig(fit.entry, fit.config, step)
     inference_peak = rig.inference(fit.batch_size)
     inference_overhead = gpu.overhead_bytes(inference_peak)
@@ -224,5 +235,6 @@ def plan_memory(
         margin=gpu.margin if margin is None else margin,
         inference_peak=inference_peak, inference_overhead=inference_overhead,
         time=time_estimate, measure=measured, notes=list(notes or []), nproc=nproc, grad_accum=grad_accum,
+        strategy="fsdp" if sharded else "ddp",
         has_data=has_data, search=search,
     )

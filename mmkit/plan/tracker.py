@@ -10,8 +10,13 @@ category, and the categories at the moment of the peak are kept:
 - optimizer    persistent optimizer state (exp_avg, exp_avg_sq, momentum buffers, step)
 - activations  what the forward pass allocates (kept for backward, or alive at the peak)
 - other        the batch, backward temporaries (gradients of activations, recomputed
-               activations under checkpointing), the optimizer step's transient buffers, and
-               autocast's low-precision copies of the weights
+               activations under checkpointing, FSDP's reduce-scatter input), the optimizer
+               step's transient buffers, and autocast's low-precision copies of the weights
+- all_gather   FSDP only: the all-gather buffers and the unsharded weights they fill (FSDP
+               frees and re-allocates these with `UntypedStorage.resize_`, which is followed)
+
+A sharded (DTensor) tensor counts the storage of its local shard. Under FSDP the gradients are
+the sharded ones that the reduce-scatter leaves on each rank (`fsdp_gradients_tracked`).
 
 `memtracker_peak` runs the same step under torch's own `MemTracker`
 (`torch.distributed._tools.mem_tracker`, a private API) for cross-checking: both give the same
@@ -21,16 +26,18 @@ because it is several times faster under fake tensors.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other")
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other", "all_gather")
 PHASE_CATEGORY = {"forward": "activations", "backward": "other", "optimizer": "other", "setup": "other"}
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes; tracking for a GPU target
@@ -52,9 +59,13 @@ class PeakSnapshot:
 
 
 def _storages(tensors: Iterable[object]) -> list[torch.UntypedStorage]:
+    """The storages holding `tensors`' data: a wrapper subclass (DTensor) by its inner tensors."""
     out = []
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+        if isinstance(t, torch.Tensor) and is_traceable_wrapper_subclass(t):
+            inner, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+            out += _storages(getattr(t, name) for name in inner)
+        elif isinstance(t, torch.Tensor) and t.layout == torch.strided:
             out.append(t.untyped_storage())
     return out
 
@@ -168,6 +179,40 @@ class LiveStorageTracker(TorchDispatchMode):
         if self.total > self.peak.peak_bytes:
             self.peak = PeakSnapshot(self.total, dict(self.current), self.phase)
 
+    def _resized(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """`storage.resize_` to `nbytes`: FSDP frees an unsharded weight (0) and re-allocates it."""
+        info = self._info.get(storage)
+        if info is None:
+            if nbytes:
+                self._add(storage, "all_gather")
+            return
+        if info.nbytes == 0 and nbytes:  # an unsharded weight, allocated again for its all-gather
+            info.category = "all_gather"
+        delta = self._rounded(nbytes) - info.nbytes
+        info.nbytes += delta
+        self.current[info.category] += delta
+        self.total += delta
+        if self.total > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.total
+        if self.total > self.peak.peak_bytes:
+            self.peak = PeakSnapshot(self.total, dict(self.current), self.phase)
+
+    def __enter__(self) -> LiveStorageTracker:
+        tracker, resize = self, torch.UntypedStorage.resize_
+        self._resize = resize
+
+        def tracked_resize(storage: torch.UntypedStorage, size: int) -> torch.UntypedStorage:
+            out = resize(storage, size)
+            tracker._resized(storage, int(size))
+            return out
+
+        torch.UntypedStorage.resize_ = tracked_resize  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.UntypedStorage.resize_ = self._resize  # type: ignore[method-assign]
+        super().__exit__(*exc)
+
     def _reclassify(self, storage: torch.UntypedStorage, category: str) -> None:
         info = self._info.get(storage)
         if info is None:
@@ -196,6 +241,19 @@ class LiveStorageTracker(TorchDispatchMode):
         if self.costs is not None:
             self.costs.record(func, args, kwargs or {}, out)
         category = PHASE_CATEGORY.get(self.phase, "other")
+        if func.namespace == "fsdp" and func is not torch.ops.fsdp.chunk_cat.default:
+            # FSDP's all-gather copy-in returns views of the all-gather buffer it fills
+            flat, _ = tree_flatten(out)
+            for storage in _storages(flat):
+                self._reclassify(storage, "all_gather")
+            return out
+        if func.is_view:
+            # a view allocates nothing; a storage first seen here was allocated where no op is
+            # dispatched (a collective backend's own staging buffer), outside what is counted
+            flat, _ = tree_flatten(out)
+            for storage in _storages(flat):
+                if self._info.get(storage) is None:
+                    return out
         if category == "activations" and func is torch.ops.aten._to_copy.default:
             # autocast's low-precision copy of a weight is not an activation
             source = args[0] if args else None
@@ -236,3 +294,31 @@ def track_optimizer_state(tracker: LiveStorageTracker, optimizer: torch.optim.Op
         if isinstance(value, torch.Tensor)
     ]
     tracker.track(state_tensors, "optimizer")
+
+
+@contextlib.contextmanager
+def fsdp_gradients_tracked(tracker: LiveStorageTracker) -> Iterator[None]:
+    """Under FSDP, classify each rank's sharded gradients as `gradients` as soon as the
+    reduce-scatter leaves them (autograd accumulates only into the unsharded weights, whose
+    gradients FSDP consumes). Follows FSDP2's internal `foreach_reduce`; without it (another torch)
+    the sharded gradients are counted in `other`: the total is the same."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+    except ImportError:
+        yield
+        return
+    reduce = getattr(group_module, "foreach_reduce", None)
+    if reduce is None:
+        yield
+        return
+
+    def tracked_reduce(fsdp_params: list[Any], *args: Any, **kwargs: Any) -> Any:
+        out = reduce(fsdp_params, *args, **kwargs)
+        tracker.track([p.sharded_param.grad for p in fsdp_params if p.sharded_param.grad is not None], "gradients")
+        return out
+
+    group_module.foreach_reduce = tracked_reduce
+    try:
+        yield
+    finally:
+        group_module.foreach_reduce = reduce

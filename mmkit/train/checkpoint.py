@@ -41,6 +41,7 @@ from torch import Tensor
 
 from mmkit.errors import MmkitError, RunStopped
 from mmkit.train.rundir import CHECKPOINTS_DIR, fsync_dir, fsync_file, remove_stale_temp, write_json_atomic
+from mmkit.train.sharding import is_sharded, load_full_model_state, load_full_optimizer_state
 
 FORMAT = "mmkit-checkpoint/1"
 MODEL_FILE = "model.safetensors"
@@ -316,14 +317,19 @@ def load_model_state(model: torch.nn.Module, state: Mapping[str, Tensor], source
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{source}: does not fit the model: {'; '.join(problems[:3])}{more}")
-    model.load_state_dict(state)
+    if is_sharded(model):  # FSDP: every rank holds the full state and keeps its shard
+        load_full_model_state(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta: Any, source: Path | str
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta: Any, source: Path | str,
+    model: torch.nn.Module | None = None,
 ) -> None:
     """`optimizer.load_state_dict` from checkpoint tensors + meta, refusing a state that does not
-    match the optimizer's parameters (so a bad file fails here, not at the next step)."""
+    match the optimizer's parameters (so a bad file fails here, not at the next step). `model`:
+    the optimizer's model, needed when it is sharded (FSDP: each rank keeps its shard)."""
     try:
         state = optimizer_state_from_tensors(tensors, meta)
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -336,7 +342,10 @@ def load_optimizer_state(
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
                     raise ValueError(f"{key} of parameter {index} is {list(value.shape)}, "
                                      f"the parameter is {list(params[index].shape)}")
-        optimizer.load_state_dict(state)
+        if model is not None and is_sharded(model):
+            load_full_optimizer_state(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
     except (ValueError, TypeError, KeyError, RecursionError) as error:
         raise CheckpointError(f"{source}: optimizer state does not fit the model ({error})") from None
 

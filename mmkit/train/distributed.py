@@ -112,10 +112,15 @@ SINGLE = World()
 
 
 def no_sync(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Accumulate gradients locally, without the all-reduce (DDP), for non-final micro-batches."""
+    """Accumulate gradients locally, without the all-reduce (DDP) or reduce-scatter (FSDP), for
+    non-final micro-batches."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    from mmkit.train.sharding import gradient_sync_paused, is_sharded
+
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return gradient_sync_paused(model) if is_sharded(model) else contextlib.nullcontext()
 
 
 def check_batch_split(world_size: int, batch_size: int, train_samples: int | None = None,

@@ -420,12 +420,14 @@ class Engine:
     def save(self, *, protect_best: bool, fields: dict[str, Any] | None = None) -> Path:
         """Checkpoint the run as it stands; rank 0 writes, the others wait until it is complete."""
         path = checkpoints_dir(self.run_dir) / step_dir_name(self.state.global_step)
+        # FSDP: every rank takes part in gathering the full state to rank 0
+        states = self.trainables.full_states() if self.world.is_main or self.trainables.sharded else None
         if self.world.is_main:
             config = self.config
             path = save_run_checkpoint(
                 self.run_dir, {"model": config.model, "size": config.size}, self.trainables, self.state,
                 recipe=self.recipe, fields=fields, keep_last=config.training.keep_last, protect_best=protect_best,
-                world_size=self.world.size, cuda_device=self.cuda_device,
+                world_size=self.world.size, cuda_device=self.cuda_device, states=states,
             )
         self.world.barrier()
         self.stop.last_checkpoint = path.name

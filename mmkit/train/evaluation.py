@@ -11,6 +11,7 @@ from mmkit.data.datasets import Dataset, iterate_batches, num_batches
 from mmkit.models.registry import MultimodalModel, logits_of
 from mmkit.train.distributed import SINGLE, World
 from mmkit.train.metrics import ClassificationMetrics, classification_metrics, confusion_matrix
+from mmkit.train.sharding import is_sharded
 from mmkit.train.step import AMP_DTYPES
 
 
@@ -23,7 +24,8 @@ def evaluate_with_loss(
     With several ranks, rank r evaluates batches r, r + k, r + 2k, ... — the very batches one
     process would form — and the confusion matrix and the per-batch loss sums are all-reduced
     (integers, and sums with zeros), then added in batch order: the result is bitwise the
-    single-process one.
+    single-process one. A sharded (FSDP) model all-gathers its weights in every forward, so its
+    ranks run the same number of forwards: a rank out of batches runs its first one again, unused.
     """
     was_training = model.training
     model.eval()
@@ -33,12 +35,18 @@ def evaluate_with_loss(
         device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES
     ):
         batches = iterate_batches(dataset, indices, batch_size, shuffle=False)
+        first: dict[str, torch.Tensor] | None = None
         for i, (inputs, labels) in enumerate(itertools.islice(batches, world.rank, None, world.size)):
+            first = first or inputs
             logits = logits_of(model(**{k: v.to(device) for k, v in inputs.items()}))
             batch_losses[world.rank + i * world.size] = torch.nn.functional.cross_entropy(
                 logits.float(), labels.to(device), reduction="sum"
             ).double().cpu()
             confusion += confusion_matrix(labels, logits.argmax(dim=-1).cpu(), dataset.num_classes)
+        if is_sharded(model) and first is not None:  # in step with the ranks that had one batch more
+            ours = len(range(world.rank, len(batch_losses), world.size))
+            for _ in range(ours, -(-len(batch_losses) // world.size)):
+                model(**{k: v.to(device) for k, v in first.items()})
     model.train(was_training)
     confusion, batch_losses = world.sum(confusion), world.sum(batch_losses)
     total = torch.zeros((), dtype=torch.float64)

@@ -48,6 +48,7 @@ from mmkit.train.report import Reporter
 from mmkit.train.rundata import load_run_data
 from mmkit.train.rundir import METRICS_FILE, write_metrics
 from mmkit.train.schedule import learning_rate
+from mmkit.train.sharding import shard_model
 from mmkit.train.signals import StopRequest
 from mmkit.train.state import Restored, Trainables
 from mmkit.train.step import build_grad_scaler, build_optimizer
@@ -73,15 +74,19 @@ def train_plain(
     # ---- model, optimizer, scaler: seeded, so a fresh run is reproducible (and the same on every rank)
     seed_everything(recipe.seed)
     model = build_training_model(config, device, reporter, world, fresh=not resume)
+    sharded = world.distributed and recipe.strategy == "fsdp"
+    if sharded:  # FSDP2, in place and before the optimizer: it steps the DTensor shards
+        shard_model(model, recipe.fsdp_wrap)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scaler = build_grad_scaler(config.precision, device.type)
     # every rank draws from rank 0's random streams (saved in checkpoints, restored on all ranks)
     cuda_device = device.index if world.distributed and device.type == "cuda" else None
-    # data parallel: DDP all-reduces the gradients; checkpoints hold the unwrapped `model`
+    # data parallel: DDP all-reduces the gradients (FSDP reduce-scatters them); checkpoints hold the unwrapped `model`
     # (clip and fusion leave their contrastive parameters unused when its weight is 0)
     unused = recipe.contrastive_weight == 0 and hasattr(model, "encode_text")
+    wrap = None if sharded else (lambda m: world.wrap(m, find_unused_parameters=unused))
     engine = Engine(run_dir, config, Trainables(model, optimizer, scaler), device, reporter, stop, world=world,
-                    wrap=lambda m: world.wrap(m, find_unused_parameters=unused), cuda_device=cuda_device)
+                    wrap=wrap, cuda_device=cuda_device)
     restored = engine.start(resume)
 
     reporter.start(config, _resumed_from(restored, steps_per_epoch, world.size) if restored else None)

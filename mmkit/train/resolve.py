@@ -58,8 +58,11 @@ TRAINING_KEYS = tuple(TrainingRecipe.model_fields)
 FLAG_NAMES = {  # training keys that have a flag of their own, as the user types it
     "batch_size": "--batch-size", "size": "--size", "epochs": "--epochs", "seed": "--seed",
     "train_fraction": "--train-fraction", "compile": "--compile", "precision": "--precision",
-    "optimizer": "--optimizer", "gradient_checkpointing": "--grad-checkpointing",
+    "optimizer": "--optimizer", "gradient_checkpointing": "--grad-checkpointing", "strategy": "--strategy",
 }
+
+
+SET_ALIASES = {"fsdp.wrap": "fsdp_wrap"}  # `--set fsdp.wrap=[Block,...]`
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class RunOptions:
     device: str = "auto"  # where the run trains: auto, cpu, cuda, cuda:N
     set_items: tuple[tuple[str, Any], ...] = ()  # `--set KEY=VALUE`, parsed, in the order given
     nproc: int = 1  # data-parallel processes; a batch is global
+    strategy: Literal["ddp", "fsdp"] | None = None  # with several processes: replicate or shard (FSDP2)
     margin: float | None = None  # fraction of VRAM kept free (default: the GPU preset's)
     prefer: Literal["width", "batch"] | None = None  # when size and batch are both auto
     allow_nonfinite: bool = False  # train on data holding NaN or Inf (refused otherwise)
@@ -170,6 +174,7 @@ def split_set_options(options: Mapping[str, Any], model_keys: tuple[str, ...] = 
     """`--set` keys: `model.*` (and `model_keys`) go to the model, the rest are training settings."""
     model, training = {}, {}
     for key, value in options.items():
+        key = SET_ALIASES.get(key, key)
         if key.startswith("model.") or key in model_keys:
             model[key.removeprefix("model.")] = value
         elif key in TRAINING_KEYS:
@@ -218,13 +223,27 @@ def check_continual_length(preset: str, recipe: TrainingSettings, given: Mapping
         )
 
 
-def check_request(options: RunOptions) -> TrainingSettings:
-    """What can be checked without data or simulation (before torchrun starts workers)."""
+def check_request(options: RunOptions, *, planning: bool = False) -> TrainingSettings:
+    """What can be checked without data or simulation (before torchrun starts workers).
+    `planning`: for memory-plan, which fits what training with several processes cannot yet."""
     get_model_entry(options.model)
     recipe = _recipe(options)
     if recipe.tasks and options.nproc > 1:
         raise MmkitError("continual learning runs in one process; drop --nproc-per-node")
+    if not planning:
+        _check_sharded_sizes(options, recipe)
     return recipe
+
+
+def _check_sharded_sizes(options: RunOptions, recipe: TrainingSettings) -> None:
+    """Training with FSDP in several processes takes a given size and batch: the sharded step is
+    simulated over a fake process group, which the workers (inside their real one) cannot make."""
+    if recipe.strategy == "fsdp" and options.nproc > 1 and "auto" in (recipe.size, recipe.batch_size):
+        raise MmkitError(
+            f"--strategy fsdp with {options.nproc} processes trains a given size and batch (auto is fitted per rank by "
+            f"`mmkit memory-plan {options.model} --nproc {options.nproc} --strategy fsdp --batch-size auto`, not yet "
+            "inside the workers); give --size and --batch-size"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +302,8 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
     entry = get_model_entry(options.model)
     model_sets, training_sets = options.set_options()
     recipe = _recipe(options)
+    if not simulate:
+        _check_sharded_sizes(options, recipe)
     if options.weights:  # a pickle or a missing file is refused before any data is read
         from mmkit.models.weights import weight_files
 
@@ -365,6 +386,11 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
         _check_continual_model(entry, config, options, recipe, given, training_sets)
         resolved_recipe = resolved_recipe.model_copy(update={"epochs": recipe.tasks * recipe.epochs_per_task})
     weights = _check_weights(entry, config, options.weights) if options.weights else None
+    if recipe.fsdp_wrap and recipe.strategy == "fsdp":  # an unknown class name: one line, before any worker
+        from mmkit.train.sharding import block_classes
+
+        with torch.device("meta"):
+            block_classes(build_model(entry, config), recipe.fsdp_wrap)
     return ResolvedRun(
         options=options, entry=entry, size=size_name, config=config, recipe=resolved_recipe, data=data_spec,
         data_seed=data_seed, input_shapes=shapes, num_classes=num_classes, device=device, precision=choice,
@@ -477,7 +503,8 @@ def _fit(entry: ModelEntry, gpu: GpuPreset, recipe: TrainingSettings, overrides:
         entry, gpu, size=str(recipe.size), batch_size=batch, overrides=overrides, data_parallel=options.nproc,
         precision=precision, optimizer=recipe.optimizer, gradient_checkpointing=recipe.gradient_checkpointing,
         margin=options.margin, min_batch_size=recipe.min_batch_size, max_batch_size=recipe.max_batch_size,
-        prefer=options.prefer or "width",
+        prefer=options.prefer or "width", strategy=recipe.strategy,
+        fsdp_wrap=tuple(recipe.fsdp_wrap) if recipe.fsdp_wrap else None,
     )
 
 

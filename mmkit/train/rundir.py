@@ -62,11 +62,12 @@ LOCK_FILE = ".lock"
 # The training settings of run.json that `mmkit resume RUN --set KEY=V` may change (each change is
 # recorded in run.json's `resume_overrides`). They steer only the steps still to come: the learning
 # rate (the schedule is computed from it at every step; after a NaN stop, resume with a lower one),
-# gradient clipping, the run's length, how often checkpoints are written and how many are kept.
+# gradient clipping, the run's length, how often checkpoints are written and how many are kept, and
+# whether several processes replicate (ddp) or shard (fsdp) the model: checkpoints are unsharded.
 # The others are fixed by what the checkpoints hold or were trained with: the batch, the seed and
 # data order, the size and the model, the data, the precision, the optimizer and its weight decay
 # (restored with the optimizer state), the schedule's shape and its warmup.
-RESUME_KEYS = ("lr", "grad_clip", "epochs", "checkpoint_every", "checkpoint_every_steps", "keep_last")
+RESUME_KEYS = ("lr", "grad_clip", "epochs", "checkpoint_every", "checkpoint_every_steps", "keep_last", "strategy")
 
 # `.tmp-step-N-PID-RANDOM` / `.old-step-N-PID-RANDOM` (checkpoint dirs) and `.NAME.tmp-PID-RANDOM` (files)
 _TEMP_PID = re.compile(rf"\.(?:tmp|old)-step-\d+-(\d+)-[0-9a-f]+|{TEMP_FILE_PATTERN}")

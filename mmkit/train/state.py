@@ -50,6 +50,7 @@ from mmkit.train.checkpoint import (
     write_pointer,
 )
 from mmkit.train.rundir import run_json_sha256
+from mmkit.train.sharding import full_model_state, full_optimizer_state, is_sharded
 
 DATA_GENERATOR_KEY = "rng.data_order"
 EPOCH_ORDER_KEY = "rng.epoch_order"  # data-order state at the start of an interrupted epoch
@@ -197,32 +198,46 @@ class RunState:
 class Trainables:
     """The live objects a checkpoint saves besides the run state."""
 
-    model: torch.nn.Module  # unwrapped: checkpoints hold the plain model's state_dict
+    model: torch.nn.Module  # unwrapped (or sharded in place): checkpoints hold the plain model's state_dict
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the full state must be gathered, by every rank, before rank 0 writes it."""
+        return is_sharded(self.model)
+
+    def full_states(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The model's and the optimizer's unsharded state dicts (sharded: gathered to rank 0,
+        empty on the other ranks; every rank must call it)."""
+        if self.sharded:
+            return full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
+        return self.model.state_dict(), self.optimizer.state_dict()
 
 
 def save_run_checkpoint(
     run_dir: Path, identity: Mapping[str, Any], trainables: Trainables, state: RunState, *,
     recipe: RecipeState | None = None, fields: Mapping[str, Any] | None = None, keep_last: int = 3,
     protect_best: bool = True, world_size: int = 1, cuda_device: int | None = None,
+    states: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write the checkpoint of `state.global_step` and point `last` to it; return its path.
 
     `identity`: the run's model and size. `fields`: more trainer_state.json fields for this
     checkpoint only (the validation figures of an epoch's end). `protect_best`: keep the
     checkpoint `best` points to out of the rotation. `cuda_device`: a data-parallel process's GPU,
-    the only one whose RNG state it saves.
+    the only one whose RNG state it saves. `states`: the model's and optimizer's full state dicts
+    when already gathered (`Trainables.full_states`; default: gathered here).
 
     Never writes non-finite weights, and a failed write (e.g. a full disk) leaves the previous
     checkpoints and pointers as they were: the save is atomic and rotation runs only after it.
     """
     step = state.global_step
-    model_state = trainables.model.state_dict()
+    model_state, optimizer_state = states if states is not None else trainables.full_states()
     bad = next((k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise RunStopped(f"weight {bad!r} is not finite at step {step}; no checkpoint written; {last_good(run_dir)}")
-    tensors, optimizer_meta = optimizer_state_to_tensors(trainables.optimizer.state_dict())
+    tensors, optimizer_meta = optimizer_state_to_tensors(optimizer_state)
     tensors |= rng_state_to_tensors(cuda_device=cuda_device) | state.checkpoint_tensors()
     document = {**identity, "global_step": step, **state.checkpoint_fields(), **(fields or {}),
                 "world_size": world_size, "run_json_sha256": run_json_sha256(run_dir)}
@@ -260,7 +275,8 @@ def restore_run_checkpoint(
     if trainer.model != model_name:
         raise MmkitError(f"checkpoint {checkpoint_dir} belongs to model {trainer.model!r}, but the run is {model_name!r}")
     load_model_state(trainables.model, model_state, checkpoint_dir / "model.safetensors")
-    load_optimizer_state(trainables.optimizer, tensors, trainer.optimizer, checkpoint_dir / "state.safetensors")
+    load_optimizer_state(trainables.optimizer, tensors, trainer.optimizer, checkpoint_dir / "state.safetensors",
+                         model=trainables.model)
     try:
         state = RunState.from_checkpoint(trainer, tensors)
         if trainables.scaler is not None and trainer.scaler:

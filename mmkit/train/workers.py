@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from mmkit.errors import MmkitError
 
 WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by torchrun for every worker
+STRATEGIES = ("ddp", "fsdp")  # data parallel: replicated (DDP) or fully sharded (FSDP2) model
 
 
 def in_worker() -> bool:
