@@ -49,7 +49,7 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     driver.write_text(EAGER_LOGGERS + KILL_BEFORE_STEP_DRIVER)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'store.db'}"}
     process = subprocess.run([sys.executable, str(driver), str(KILLED_BEFORE), *TINY, "--out", str(run)],
-                             capture_output=True, text=True, timeout=300, env=env)
+                             check=False, capture_output=True, text=True, timeout=300, env=env)
     assert process.returncode == -signal.SIGKILL, process.stderr
     assert json.loads((last_checkpoint(run) / "trainer_state.json").read_text())["global_step"] == CHECKPOINT
     result = runner.invoke(app, ["resume", str(run)], env={"MLFLOW_TRACKING_URI": None})

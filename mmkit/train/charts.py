@@ -28,6 +28,7 @@ class Series:
     xs: tuple[float, ...]
     ys: tuple[float, ...]
     dashed: bool = False
+    colour: int | None = None  # PALETTE index; None: the panel's next colour
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
     first = math.floor(low / step) * step
-    return [first + i * step for i in range(int(math.ceil((high - first) / step + 1e-9)) + 1)]
+    return [first + i * step for i in range(math.ceil((high - first) / step + 1e-9) + 1)]
 
 
 def _label(value: float) -> str:
@@ -143,7 +144,7 @@ def _label(value: float) -> str:
 def line_chart_svg(panel: Panel, *, width: int = 420, height: int = 260) -> str:
     """One panel as an SVG line chart: axes with round ticks, a line and markers per series (dashed
     series dashed, hollow markers), a legend below."""
-    left, right, top, legend_rows = 56, 12, 28, len(panel.series)
+    left, right, top, legend_rows = 66, 12, 28, len(panel.series)
     bottom = 36 + 16 * legend_rows
     xs = [x for s in panel.series for x in s.xs]
     ys = [y for s in panel.series for y in s.ys if math.isfinite(y)]
@@ -164,8 +165,8 @@ def line_chart_svg(panel: Panel, *, width: int = 420, height: int = 260) -> str:
     def py(y: float) -> float:
         return top + (1 - (y - y_low) / (y_high - y_low)) * plot_h
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(panel.title)}">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+              f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(panel.title)}">'),
              f'<text x="{width / 2}" y="16" text-anchor="middle" font-weight="bold">{escape(panel.title)}</text>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
     for tick in y_ticks:
@@ -183,7 +184,7 @@ def line_chart_svg(panel: Panel, *, width: int = 420, height: int = 260) -> str:
     parts.append(f'<text x="12" y="{top + plot_h / 2}" text-anchor="middle" font-size="11" '
                  f'transform="rotate(-90 12 {top + plot_h / 2})">{escape(panel.y_label)}</text>')
     for k, series in enumerate(panel.series):
-        colour = PALETTE[(panel.first_colour + k) % len(PALETTE)]
+        colour = PALETTE[(panel.first_colour + k if series.colour is None else series.colour) % len(PALETTE)]
         points = [(px(x), py(y)) for x, y in zip(series.xs, series.ys, strict=True) if math.isfinite(y)]
         dash = ' stroke-dasharray="6 4"' if series.dashed else ""
         if len(points) > 1:
@@ -208,8 +209,8 @@ def heatmap_svg(confusion: Sequence[Sequence[int]], classes: Sequence[str], *, c
     label_w = 8 + 7 * max((len(c) for c in classes), default=1)
     width, height = label_w + n * cell + 10, label_w + n * cell + 30
     top = max((max(row) for row in confusion), default=1) or 1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="confusion" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="confusion matrix">']
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="confusion" width="{width}" height="{height}" '
+              f'viewBox="0 0 {width} {height}" role="img" aria-label="confusion matrix">')]
     for i, row in enumerate(confusion):
         y = 20 + i * cell
         parts.append(f'<text x="{label_w - 6}" y="{y + cell / 2 + 4}" text-anchor="end" font-size="11">'

@@ -144,6 +144,9 @@ class ResolvedRun:
         record = {"gpu": self.gpu.name, "precision": self.precision.precision, "size": self.size,
                   "batch_size": self.batch_size, "total_bytes": self.fit.chosen.total,
                   "budget_bytes": self.fit.budget_bytes}
+        if self.fit.chosen.train is not None:  # the plan's category bar (`mmkit report`)
+            record["train"] = self.fit.chosen.train.as_dict()
+            record["overhead"] = dict(self.fit.chosen.overhead)
         if self.search is not None:  # the whole choice: what ran, what it beat and why
             record["search"] = self.search.as_dict()
         return record

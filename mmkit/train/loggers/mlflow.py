@@ -48,6 +48,7 @@ class MlflowLogger:
         self.finished = False
 
     def start(self, config: RunConfig, resumed_from: str | None, step: int = 0) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow", "alembic"):  # their set-up lines (creating tables) are not the run's
@@ -59,7 +60,7 @@ class MlflowLogger:
             self.run_id = record["run_id"]
             try:
                 run = self.client.get_run(self.run_id)
-            except Exception as exc:  # the store moved or was deleted
+            except MlflowException as exc:  # the store moved or was deleted
                 raise MmkitError(f"{record_path}: MLflow run {self.run_id} not found in {record['tracking_uri']}: "
                                  f"{str(exc).splitlines()[0]}") from None
             self.client.update_run(self.run_id, status="RUNNING")
