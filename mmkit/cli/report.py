@@ -31,7 +31,7 @@ def report_cli(
 ) -> None:
     """Write one self-contained HTML page (inline SVG, no network when viewed) about finished or
     running runs."""
-    if len(set(r.resolve() for r in runs)) != len(runs):
+    if len({r.resolve() for r in runs}) != len(runs):
         raise MmkitError("a run is given twice")
     from mmkit.atomic import write_atomic
     from mmkit.train.runsummary import summarize_run
@@ -143,8 +143,8 @@ def _confusion_section(s: RunSummary, level: int = 2) -> str:
         support = sum(m["confusion_matrix"][classes.index(name)])
         if name in recall:
             bar = f'<span class="bar" style="width:{100 * recall[name]:.0f}px"></span>'
-            rows.append((escape(name), f'<span data-recall="{escape(name)}" data-value="{recall[name]!r}">'
-                         f'{recall[name]:.4f}</span> {bar}', f"{f1[name]:.4f}", str(support)))
+            value = f'<span data-recall="{escape(name)}" data-value="{recall[name]!r}">{recall[name]:.4f}</span>'
+            rows.append((escape(name), f"{value} {bar}", f"{f1[name]:.4f}", str(support)))
         else:
             rows.append((escape(name), "— (no samples)", "—", "0"))
     return (f'<{h}>Confusion matrix (test, {m.get("n")} samples)</{h}><div id="confusion">'
