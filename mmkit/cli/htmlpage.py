@@ -41,7 +41,11 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, numeric_from:
           attrs: str = "") -> str:
     """A table; cells from column `numeric_from` on are right-aligned. `raw`: cells are HTML already."""
     cell = (lambda v: v) if raw else escape
-    head = "".join(f'<th class="{"num" if i >= numeric_from else ""}">{escape(h)}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{"num" if i >= numeric_from else ""}">{cell(v)}</td>'
-                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
+
+    def align(i: int) -> str:
+        return ' class="num"' if i >= numeric_from else ""
+
+    head = "".join(f"<th{align(i)}>{escape(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td{align(i)}>{cell(v)}</td>" for i, v in enumerate(row)) + "</tr>"
+                   for row in rows)
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -165,7 +165,7 @@ def line_chart_svg(panel: Panel, *, width: int = 420, height: int = 260) -> str:
     def py(y: float) -> float:
         return top + (1 - (y - y_low) / (y_high - y_low)) * plot_h
 
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+    parts = [(f'<svg class="chart" width="{width}" height="{height}" '
               f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(panel.title)}">'),
              f'<text x="{width / 2}" y="16" text-anchor="middle" font-weight="bold">{escape(panel.title)}</text>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
@@ -209,7 +209,7 @@ def heatmap_svg(confusion: Sequence[Sequence[int]], classes: Sequence[str], *, c
     label_w = 8 + 7 * max((len(c) for c in classes), default=1)
     width, height = label_w + n * cell + 10, label_w + n * cell + 30
     top = max((max(row) for row in confusion), default=1) or 1
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="confusion" width="{width}" height="{height}" '
+    parts = [(f'<svg class="confusion" width="{width}" height="{height}" '
               f'viewBox="0 0 {width} {height}" role="img" aria-label="confusion matrix">')]
     for i, row in enumerate(confusion):
         y = 20 + i * cell
@@ -257,6 +257,6 @@ def stacked_bar_svg(parts: Sequence[tuple[str, int]], describe: Callable[[float]
                       f'<text x="{lx + 18:.1f}" y="{ly}" font-size="12">{escape(name)} {describe(value)} '
                       f'({share})</text>')
     height = 56 + 18 * rows
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="memory" width="{width}" height="{height}" '
+    return (f'<svg class="memory" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="memory by category">{"".join(pieces)}</svg>')
 
