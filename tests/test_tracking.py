@@ -112,3 +112,16 @@ def test_a_logger_that_is_not_installed_is_one_line_and_exit_2(tmp_path: Path, m
     assert not (tmp_path / "R").exists()
     result = runner.invoke(app, ["train", "multichannel", "--log", "wandb", "--out", str(tmp_path / "R")])
     assert result.exit_code == 2 and "unknown logger; valid: tensorboard, mlflow" in result.stderr
+
+
+def test_only_rank_0_opens_the_loggers(tmp_path: Path) -> None:
+    """Other ranks of a data-parallel run report through their rank reporter alone."""
+    from mmkit.cli.progress import RankReporter
+    from mmkit.cli.train import open_reporter
+    from mmkit.train.distributed import World
+    from mmkit.train.loggers.tensorboard import TensorBoardLogger
+
+    for rank, expected in ((0, [RankReporter, TensorBoardLogger]), (1, [RankReporter])):
+        world = World(rank=rank, size=2, local_rank=rank)
+        with open_reporter(RankReporter(rank), tmp_path, ("tensorboard",), world) as reporter:
+            assert [type(r) for r in reporter.reporters] == expected

@@ -135,7 +135,8 @@ def train_cli(
             _refuse_run_json(run_dir)  # looked at again: another process may have written it meanwhile
             world.barrier()  # every rank has looked before rank 0 writes run.json
             _prepare_run_dir(run_dir, world)
-            with _interruptions(run_dir, progress, world), _reporter(progress, run_dir, loggers, world) as reporter:
+            with _interruptions(run_dir, progress, world), \
+                    open_reporter(progress, run_dir, loggers, world) as reporter:
                 outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
                                     reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
             if world.is_main:
@@ -188,7 +189,7 @@ def _progress(world: World) -> Any:
 
 
 @contextlib.contextmanager
-def _reporter(progress: Any, run_dir: Path, loggers: tuple[str, ...], world: World) -> Iterator[Any]:
+def open_reporter(progress: Any, run_dir: Path, loggers: tuple[str, ...], world: World) -> Iterator[Any]:
     """The progress display and, on rank 0, the run's loggers (`--log`), closed however the run ends."""
     from mmkit.train.report import FanOut
 
@@ -242,7 +243,7 @@ def resume_cli(
         if not from_checkpoint and world.is_main:
             progress.message(f"no complete checkpoint in {run} yet: starting the run from step 0 as "
                              f"{run / 'run.json'} describes it")
-        with _interruptions(run, progress, world), _reporter(progress, run, loggers, world) as reporter:
+        with _interruptions(run, progress, world), open_reporter(progress, run, loggers, world) as reporter:
             outcome = train_run(run, config, resume=from_checkpoint, stop_after_epochs=stop_after_epochs,
                                 reporter=reporter, world=world, forecast=True)
         if world.is_main:
