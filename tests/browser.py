@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -25,7 +25,7 @@ def find_chromium() -> str | None:
     """The first Chromium-family browser on PATH (MMKIT_TEST_CHROMIUM overrides)."""
     explicit = os.environ.get("MMKIT_TEST_CHROMIUM")
     if explicit:
-        return explicit
+        return shutil.which(explicit)  # None when it is not an executable: the tests skip and say so
     return next((found for name in CANDIDATES if (found := shutil.which(name))), None)
 
 
@@ -39,7 +39,7 @@ class Chromium:
         self.next_id = 0
         self.buffer = b""
 
-    def __enter__(self) -> Chromium:
+    def __enter__(self) -> Self:
         self.profile = tempfile.mkdtemp(prefix="mmkit-chromium-")
         to_browser, self.commands = os.pipe()  # we write commands, the browser reads fd 3
         self.responses, from_browser = os.pipe()  # the browser writes fd 4, we read
@@ -53,7 +53,9 @@ class Chromium:
             [self.executable, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={self.width},{self.height}",
              "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=pipes_at_3_and_4, close_fds=False,  # only 3 and 4 are inheritable (PEP 446)
+            # the pipes must be fds 3 and 4 in the child (preexec_fn: the tests start no threads here);
+            # close_fds=False passes only those two: Python's own fds are not inheritable (PEP 446)
+            preexec_fn=pipes_at_3_and_4, close_fds=False,  # noqa: PLW1509
         )
         os.close(to_browser)
         os.close(from_browser)
