@@ -89,6 +89,7 @@ def step_overhead(model: str, size: str, rounds: int, steps_per_block: int,
     from mmkit.data.datasets import iterate_batches
     from mmkit.models.registry import build_model
     from mmkit.train.engine import StepRunner, seed_everything
+    from mmkit.train.report import StepRecord
     from mmkit.train.resolve import RunOptions, resolve_run
     from mmkit.train.schedule import learning_rate
     from mmkit.train.step import build_optimizer
@@ -125,7 +126,8 @@ def step_overhead(model: str, size: str, rounds: int, steps_per_block: int,
                 n = labels.shape[0]
                 state["seen"] += n
                 state["loss_sum"] += step_loss * n
-                reporter.step(step_loss.item(), lr, state["seen"] / max(time.perf_counter() - state["start"], 1e-9))
+                reporter.step(StepRecord(state["step"], 1, step_loss.item(), lr,
+                                         state["seen"] / max(time.perf_counter() - state["start"], 1e-9)))
             seconds = (time.perf_counter() - start) / len(batches)
             reporter.progress.stop()
             return seconds
@@ -183,6 +185,7 @@ def step_overhead_fixed_malloc(model: str, size: str, rounds: int, steps_per_blo
 def bookkeeping_cost(rounds: int = 200) -> dict[str, Any]:
     """The loop's per-step extras alone, without a model: schedule, lr on the param groups, the
     loss sum, `.item()` and the progress bar — what the ratio above is made of, in microseconds."""
+    from mmkit.train.report import StepRecord
     from mmkit.train.schedule import learning_rate
 
     params = [torch.nn.Parameter(torch.zeros(1))]
@@ -197,7 +200,7 @@ def bookkeeping_cost(rounds: int = 200) -> dict[str, Any]:
             group["lr"] = lr
         finite = bool(torch.isfinite(loss))
         loss_sum += loss.float().cpu() * 256
-        reporter.step(loss.item(), lr, 1000.0)
+        reporter.step(StepRecord(step + 1, 1, loss.item(), lr, 1000.0))
         assert finite
     seconds = (time.perf_counter() - start) / rounds
     reporter.progress.stop()

@@ -25,7 +25,7 @@ def compare_json(*args: str) -> dict:
 @pytest.fixture(scope="module")
 def defaults(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     markdown = tmp_path_factory.mktemp("cmp") / "table.md"
-    return compare_json("multichannel", "separate", "--markdown", markdown), markdown
+    return compare_json("multichannel", "separate", "--markdown", markdown, "--html", markdown.with_suffix(".html")), markdown
 
 
 def test_defaults_have_every_block(defaults: tuple[dict, Path]) -> None:
@@ -121,6 +121,20 @@ def test_bad_specs_and_settings_are_one_line(args: tuple[str, ...], message: str
     result = runner.invoke(app, ["compare", *args])
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_html_holds_the_table_and_the_verdict_in_one_self_contained_page(defaults: tuple[dict, Path]) -> None:
+    import re
+    from html import unescape
+
+    doc, markdown = defaults
+    page = markdown.with_suffix(".html").read_text()
+    rows = [line.split(" | ") for line in markdown.read_text().splitlines()[2:] if line.startswith("| ") and "**" not in line]
+    cells = [[unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", "<td>" + row)]
+             for row in re.findall(r"<tr><td>(.*?)</tr>", page)]
+    assert [c[:3] for c in cells] == [[r[0][2:], r[1], r[2]] for r in rows]  # every row of the table, in order
+    assert f"<b>verdict:</b> {doc['verdict']}" in unescape(page)
+    assert "<script" not in page and "http://" not in page and "https://" not in page
 
 
 def test_each_side_may_bring_its_own_recipe(tmp_path: Path) -> None:

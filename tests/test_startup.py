@@ -52,7 +52,7 @@ def mmkit(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Ran:
 
 @pytest.mark.parametrize("args", [
     ("--version",), ("--help",), ("count", "--help"), ("memory-plan", "--help"), ("train", "--help"),
-    ("resume", "--help"), ("eval", "--help"), ("compare", "--help"), ("data", "--help"),
+    ("resume", "--help"), ("eval", "--help"), ("compare", "--help"), ("report", "--help"), ("data", "--help"),
     ("data", "prepare", "--help"),
 ], ids=" ".join)
 def test_help_and_version_load_no_torch(tmp_path: Path, args: tuple[str, ...]) -> None:

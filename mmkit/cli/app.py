@@ -10,7 +10,7 @@ import typer.core
 from typer.core import TyperGroup
 
 from mmkit import __version__
-from mmkit.cli import calibrate, compare, count, data, eval, memory_plan, train
+from mmkit.cli import calibrate, compare, count, data, eval, memory_plan, report, train
 
 # Typer >= 0.20 vendors click as typer._click; older releases use click itself.
 click: Any = getattr(typer.core, "_click", None) or __import__("click")
@@ -78,6 +78,7 @@ app.command(name="resume")(train.resume_cli)
 app.command(name="eval")(eval.eval_cli)
 app.command(name="compare")(compare.compare_cli)
 app.command(name="calibrate")(calibrate.calibrate_cli)
+app.command(name="report")(report.report_cli)
 app.add_typer(data.data_app, name="data")
 
 

@@ -42,6 +42,9 @@ def compare_cli(
     separate_mode: Annotated[str, typer.Option("--separate-mode", help="How `separate` trains: joint or independent.")] = "joint",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the table as Markdown to FILE.")] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write the table and verdict as a self-contained HTML page to FILE.")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a training setting for both, KEY=V (repeatable).")] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Compare on data holding NaN or Inf (refused otherwise).")] = False,
 ) -> None:
@@ -70,6 +73,11 @@ def compare_cli(
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(to_markdown(result, rows))
+    if html is not None:
+        from mmkit.atomic import write_atomic
+
+        html.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(html, to_html(result, rows).encode())
     if json_output:
         print_json(result)
     else:
@@ -85,8 +93,9 @@ def compare_cli(
         console.print(table)
         if "verdict" in result:
             console.print(f"[bold]verdict:[/bold] {escape(result['verdict'])}")
-        if markdown is not None:
-            console.print(f"wrote {markdown}")
+        for written in (markdown, html):
+            if written is not None:
+                console.print(f"wrote {written}")
     warning = load_warning(result.get("machine", {}))
     if warning:  # on stderr, so that --json stays one document
         err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -201,3 +210,30 @@ def to_markdown(result: dict[str, Any], rows: list[Row]) -> str:
     if warning:
         lines += ["", f"Warning: {warning}"]
     return "\n".join(lines) + "\n"
+
+
+def to_html(result: dict[str, Any], rows: list[Row]) -> str:
+    """The table and the verdict as a self-contained page (the same kind as `mmkit report`'s)."""
+    from html import escape as html_escape
+
+    from mmkit.cli.htmlpage import page
+    from mmkit.train.compare import load_warning
+
+    s = result["settings"]
+    cells = []
+    for label, va, vb, ratio in rows:
+        if not va and not vb:
+            cells.append(f'<tr class="section"><td colspan="4">{html_escape(label)}</td></tr>')
+        else:
+            cells.append(f"<tr><td>{html_escape(label)}</td>" + "".join(
+                f'<td class="num">{html_escape(v)}</td>' for v in (va, vb, ratio)) + "</tr>")
+    head = "".join(f'<th class="{"num" if i else ""}">{html_escape(h)}</th>'
+                   for i, h in enumerate(("", s["a"], s["b"], "A/B")))
+    body = [f'<table id="compare"><thead><tr>{head}</tr></thead><tbody>{"".join(cells)}</tbody></table>']
+    if "verdict" in result:
+        body.append(f'<p class="verdict" id="verdict"><b>verdict:</b> {html_escape(result["verdict"])}</p>')
+    warning = load_warning(result.get("machine", {}))
+    if warning:
+        body.append(f'<p class="warning"><b>warning:</b> {html_escape(warning)}</p>')
+    body += [f"<p>note: {html_escape(note)}</p>" for note in result.get("notes", [])]
+    return page(f"mmkit compare {s['a']} {s['b']}", f"data {s['data']} · preset {s['preset']}", body)

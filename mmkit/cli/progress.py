@@ -26,6 +26,7 @@ from mmkit.cli.common import console, err_console, human_duration
 from mmkit.train.config import RunConfig
 from mmkit.train.forecast import RunForecast
 from mmkit.train.metrics import ClassificationMetrics
+from mmkit.train.report import StepRecord
 
 
 class StepElapsedColumn(ProgressColumn):
@@ -65,7 +66,7 @@ class RichReporter:
         self.epoch_task: Any = None
         self.step_task: Any = None
 
-    def start(self, config: RunConfig, resumed_from: str | None) -> None:
+    def start(self, config: RunConfig, resumed_from: str | None, step: int = 0) -> None:
         t = config.training
         head = "resuming" if resumed_from is not None else "training"
         err_console.print(
@@ -106,11 +107,14 @@ class RichReporter:
         self.step_task = self.progress.add_task(f"epoch {epoch}", total=steps, completed=done, info="",
                                                 step_started=time.monotonic())
 
-    def step(self, loss: float, lr: float, samples_per_s: float) -> None:
+    def step(self, record: StepRecord) -> None:
         self.progress.update(
-            self.step_task, advance=1, info=f"loss {loss:.4f} · lr {lr:.2e} · {rate(samples_per_s)}",
+            self.step_task, advance=1,
+            info=f"loss {record.loss:.4f} · lr {record.lr:.2e} · {rate(record.samples_per_s)}",
             step_started=time.monotonic(),
         )
+
+    def checkpoint_saved(self, step: int) -> None: ...
 
     def epoch_end(self, record: dict[str, Any]) -> None:
         self.progress.advance(self.epoch_task)
@@ -151,11 +155,12 @@ class RankReporter:
         self.rank = rank
         self.logger = logging.getLogger("mmkit")
 
-    def start(self, config: RunConfig, resumed_from: str | None) -> None: ...
+    def start(self, config: RunConfig, resumed_from: str | None, step: int = 0) -> None: ...
     def forecast(self, forecast: RunForecast) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
-    def step(self, loss: float, lr: float, samples_per_s: float) -> None: ...
+    def step(self, record: StepRecord) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
+    def checkpoint_saved(self, step: int) -> None: ...
 
     def message(self, text: str) -> None:
         self.logger.warning("[rank %d] %s", self.rank, text)

@@ -40,6 +40,7 @@ from mmkit.cli.launch import (
 )
 from mmkit.errors import MmkitError
 from mmkit.models.catalog import check_model_name, parse_input_options
+from mmkit.train.loggers import check_loggers, open_loggers
 from mmkit.train.rundir import RESUME_KEYS, RunLocked, lock_holder, run_lock
 
 if TYPE_CHECKING:
@@ -91,6 +92,11 @@ def train_cli(
         typer.Option("--weights", help="Starting weights: a .safetensors file, a sharded index.json, or a directory "
                      "holding one (save_pretrained's); matched by name and shape. Never a pickle."),
     ] = None,
+    log: Annotated[
+        list[str] | None,
+        typer.Option("--log", help="Also log to tensorboard (RUN/tb/) or mlflow (repeatable; kept by resume).",
+                     metavar="tensorboard|mlflow"),
+    ] = None,
     nproc_per_node: NprocOption = None,
     strategy: StrategyOption = None,
     nnodes: NnodesOption = None,
@@ -105,6 +111,7 @@ def train_cli(
     check_strategy(strategy)
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     check_model_name(model)  # a mistyped name is reported before torch loads
+    loggers = check_loggers(log or [])  # and a logger that is not installed
     from mmkit.train.distributed import process_group
     from mmkit.train.run import train_run
     from mmkit.train.resolve import RunOptions, check_request, resolve_device, resolve_run
@@ -114,7 +121,7 @@ def train_cli(
         train_fraction=train_fraction, compile=compile_, data=data, gpu=gpu, device=device, set_items=set_items,
         nproc=launch.world_size if launch is not None else 1, allow_nonfinite=allow_nonfinite, inputs=inputs,
         target_batch=target_batch,
-        weights=weights, strategy=strategy,  # type: ignore[arg-type]
+        weights=weights, strategy=strategy, log=loggers,  # type: ignore[arg-type]
     )
     if launch is not None:
         check_request(options)  # once, before any worker starts
@@ -127,12 +134,13 @@ def train_cli(
         _refuse_existing(run_dir)
         world.barrier()
         resolved = resolve_run(dataclasses.replace(options, nproc=world.size))  # bad input: nothing written yet
-        reporter = _reporter(world)
+        progress = _progress(world)
         with run_lock(run_dir, world, create=True):  # this process (rank 0) is the run's one writer
             _refuse_run_json(run_dir)  # looked at again: another process may have written it meanwhile
             world.barrier()  # every rank has looked before rank 0 writes run.json
             _prepare_run_dir(run_dir, world)
-            with _interruptions(run_dir, reporter, world):
+            with _interruptions(run_dir, progress, world), \
+                    open_reporter(progress, run_dir, loggers, world) as reporter:
                 outcome = train_run(run_dir, resolved.run_config(), stop_after_epochs=stop_after_epochs,
                                     reporter=reporter, dataset=resolved.dataset, world=world, forecast=True)
             if world.is_main:
@@ -178,10 +186,22 @@ def _repair_pointers(run_dir: Path, reporter: Any) -> None:
         reporter.message(warning)
 
 
-def _reporter(world: World) -> Any:
+def _progress(world: World) -> Any:
     from mmkit.cli.progress import RankReporter, RichReporter
 
     return RichReporter() if world.is_main else RankReporter(world.rank)
+
+
+@contextlib.contextmanager
+def open_reporter(progress: Any, run_dir: Path, loggers: tuple[str, ...], world: World) -> Iterator[Any]:
+    """The progress display and, on rank 0, the run's loggers (`--log`), closed however the run ends."""
+    from mmkit.train.report import FanOut
+
+    reporter = FanOut(progress, *(open_loggers(run_dir, loggers) if world.is_main else ()))
+    try:
+        yield reporter
+    finally:
+        reporter.close()
 
 
 @one_line_errors
@@ -214,6 +234,7 @@ def resume_cli(
     from mmkit.train.run import train_run
 
     config = RunConfig.load(run, allow_changed_model=allow_changed_model).with_resume_overrides(overrides, epochs)
+    loggers = check_loggers(config.log)  # the run logs where it logged: its packages must be installed
     launch = requested_launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     if launch is not None:
         if config.training.tasks:
@@ -223,16 +244,16 @@ def resume_cli(
         run_launch(launch, "resume", run, {})
 
     with process_group(config.device) as world, run_lock(run, world):  # rank 0: the run's one writer
-        reporter = _reporter(world)
+        progress = _progress(world)
         _prepare_run_dir(run, world)
         if world.is_main:
-            _repair_pointers(run, reporter)
+            _repair_pointers(run, progress)
         world.barrier()
         from_checkpoint = bool(list_checkpoints(run))
         if not from_checkpoint and world.is_main:
-            reporter.message(f"no complete checkpoint in {run} yet: starting the run from step 0 as "
+            progress.message(f"no complete checkpoint in {run} yet: starting the run from step 0 as "
                              f"{run / 'run.json'} describes it")
-        with _interruptions(run, reporter, world):
+        with _interruptions(run, progress, world), open_reporter(progress, run, loggers, world) as reporter:
             outcome = train_run(run, config, resume=from_checkpoint, stop_after_epochs=stop_after_epochs,
                                 reporter=reporter, world=world, forecast=True)
         if world.is_main:

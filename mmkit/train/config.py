@@ -55,6 +55,7 @@ class RunConfig(BaseModel):
     model_source: dict[str, Any] | None = None  # a model spec's origin: a file's path and sha256, a module
     weights: dict[str, Any] | None = None  # `train --weights`: the safetensors the run started from
     notes: list[str] = []
+    log: list[str] = []  # `train --log`: the loggers the run writes to (mmkit.train.loggers), resume included
     resume_overrides: list[ResumeOverride] = []  # what `resume --set` changed, oldest first
     mmkit_version: str = __version__
     torch_version: str = torch.__version__

@@ -338,7 +338,7 @@ def train_continual(
     restored = engine.start(resume)
 
     last_epoch = stream.epochs if stop_after_epochs is None else min(stream.epochs, stop_after_epochs)
-    reporter.start(engine.config, _resumed_from(restored, stream) if restored else None)
+    reporter.start(engine.config, _resumed_from(restored, stream) if restored else None, engine.state.global_step)
     model.train()
     path = None
     for epoch in range(engine.state.epoch, last_epoch):

@@ -35,7 +35,7 @@ from mmkit.train.compile import compile_model
 from mmkit.train.config import RunConfig
 from mmkit.train.distributed import SINGLE, World, no_sync
 from mmkit.train.metrics import ClassificationMetrics
-from mmkit.train.report import Reporter
+from mmkit.train.report import Reporter, StepRecord
 from mmkit.train.rundir import HISTORY_FILE, RUN_FILE, read_history, write_history
 from mmkit.train.signals import StopRequest, TrainingInterrupted
 from mmkit.train.state import (
@@ -356,7 +356,7 @@ class Engine:
         for inputs, labels, total in plan.batches(done):
             loss, lr = self._step(plan, inputs, labels, total)
             rate = (self.state.epoch_samples_seen - seen_before) / max(time.perf_counter() - started, 1e-9)
-            self.reporter.step(loss, lr, rate)
+            self.reporter.step(StepRecord(self.state.global_step, plan.epoch + 1, loss, lr, rate))
             if self.after_step is not None:
                 self.after_step(self.stop.typical_step_seconds or 0.0)
             self._checkpoint_if_due(plan)
@@ -407,6 +407,8 @@ class Engine:
         self.history.append(record)
         if self.world.is_main:
             save_history(self.run_dir, self.history)
+        # before the checkpoint: the loggers' points of this epoch are on disk once it is complete
+        self.reporter.epoch_end(record)
         path = None
         if self.state.epoch % self.config.training.checkpoint_every == 0 or last or best is not None:
             path = self.save(protect_best=best is None, fields=fields)
@@ -414,7 +416,6 @@ class Engine:
                 with stop_on_write_failure(self.run_dir, str(checkpoints_dir(self.run_dir) / "best.json")):
                     write_pointer(self.run_dir, "best", path,
                                   {"epoch": self.state.epoch, "step": self.state.global_step, **best})
-        self.reporter.epoch_end(record)
         return path
 
     def save(self, *, protect_best: bool, fields: dict[str, Any] | None = None) -> Path:
@@ -431,4 +432,5 @@ class Engine:
             )
         self.world.barrier()
         self.stop.last_checkpoint = path.name
+        self.reporter.checkpoint_saved(self.state.global_step)
         return path

@@ -89,7 +89,8 @@ def train_plain(
                     wrap=wrap, cuda_device=cuda_device)
     restored = engine.start(resume)
 
-    reporter.start(config, _resumed_from(restored, steps_per_epoch, world.size) if restored else None)
+    reporter.start(config, _resumed_from(restored, steps_per_epoch, world.size) if restored else None,
+                   engine.state.global_step)
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     if forecast and world.is_main:
         # the forecast builds the model (on the meta device) after a resume restored the random state: a

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmkit.train.charts import PALETTE, curve_panels, text_colour_for
 from mmkit.train.metrics import ClassificationMetrics
 
 if TYPE_CHECKING:
@@ -26,20 +27,6 @@ if TYPE_CHECKING:
 
 DPI = 120
 MAX_MARKERS = 30  # per curve; longer runs mark every k-th epoch so markers do not merge into a line
-
-
-def _relative_luminance(rgb: Sequence[float]) -> float:
-    """WCAG relative luminance of an sRGB colour with channels in 0..1."""
-    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
-    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
-
-
-def text_colour_for(background: Sequence[float]) -> str:
-    """"white" or "black", whichever contrasts more with `background` (RGB or RGBA in 0..1)."""
-    luminance = _relative_luminance(background)
-    contrast_white = 1.05 / (luminance + 0.05)
-    contrast_black = (luminance + 0.05) / 0.05
-    return "white" if contrast_white > contrast_black else "black"
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -61,20 +48,18 @@ def curves_figure(history: list[dict[str, Any]], *, model: str, run_name: str) -
     dashed = {"linestyle": "--", "marker": "o", "markersize": 9, "markerfacecolor": "none", "markeredgewidth": 1.5,
               "linewidth": 1.8, "zorder": 3, "markevery": every}
 
-    loss_ax.plot(epochs, [r["train_loss"] for r in history], color="tab:blue", label="train", **solid)
-    loss_ax.set_ylabel("cross-entropy loss")
-    loss_ax.set_title("loss")
-    score_ax.set_ylim(0, 1.02)
+    panels = curve_panels(history)  # the same panels as the report's SVG: loss, then validation scores
     continual = any("task" in r for r in history)
+    shown = [(loss_ax, panels[0])] + ([] if continual else [(score_ax, panels[1])])
+    for ax, panel in shown:
+        for k, series in enumerate(panel.series):
+            ax.plot(series.xs, series.ys, color=PALETTE[panel.first_colour + k], label=series.label,
+                    **(dashed if series.dashed else solid))
+        ax.set_ylabel(panel.y_label)
+        ax.set_title(panel.title)
+    score_ax.set_ylim(0, 1.02)
     if continual:
         _continual_scores(score_ax, history, solid, dashed)
-    else:
-        loss_ax.plot(epochs, [r["val_loss"] for r in history], color="tab:orange", label="validation", **dashed)
-        score_ax.plot(epochs, [r["val_uar"] for r in history], color="tab:green", label="validation UAR", **solid)
-        score_ax.plot(epochs, [r["val_accuracy"] for r in history], color="tab:purple",
-                      label="validation accuracy (WAR)", **dashed)
-        score_ax.set_ylabel("score")
-        score_ax.set_title("validation scores")
 
     best = [r["epoch"] for r in history if r.get("best")]
     for ax in (loss_ax, score_ax):

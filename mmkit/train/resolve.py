@@ -93,6 +93,7 @@ class RunOptions:
     inputs: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # `--input`: a plain factory's inputs, parsed
     target_batch: int | None = None  # `--target-batch`: search precision, checkpointing and accumulation
     weights: str | None = None  # `--weights`: starting weights (safetensors), loaded before training
+    log: tuple[str, ...] = ()  # `--log`: loggers the run writes to (tensorboard, mlflow)
 
     def flags(self) -> dict[str, Any]:
         """The training settings given as flags (the ones not given are left out)."""
@@ -147,6 +148,9 @@ class ResolvedRun:
         record = {"gpu": self.gpu.name, "precision": self.precision.precision, "size": self.size,
                   "batch_size": self.batch_size, "total_bytes": self.fit.chosen.total,
                   "budget_bytes": self.fit.budget_bytes}
+        if self.fit.chosen.train is not None:  # the plan's category bar (`mmkit report`)
+            record["train"] = self.fit.chosen.train.as_dict()
+            record["overhead"] = dict(self.fit.chosen.overhead)
         if self.search is not None:  # the whole choice: what ran, what it beat and why
             record["search"] = self.search.as_dict()
         return record
@@ -158,6 +162,7 @@ class ResolvedRun:
             data=absolute_data_spec(self.data), data_seed=self.data_seed, device=self.device, precision=self.precision.precision,
             fit=self.fit_record(), notes=list(self.notes), precision_probe=self.precision.probe,
             model_source=dict(self.entry.source) if self.entry.source else None, weights=self.weights,
+            log=list(self.options.log),
         )
 
     def with_seed(self, seed: int) -> ResolvedRun:
