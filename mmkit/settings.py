@@ -101,8 +101,11 @@ class Calibration(_Strict):
 
     source: str  # what was measured, where and when
     matmul_tflops: dict[Precision, list[tuple[PositiveFloat, PositiveFloat]]]  # (FLOPs per call, TFLOP/s achieved)
-    bandwidth_gb_s: PositiveFloat  # a large elementwise operation's bytes read + written per second
+    conv_tflops: dict[Precision, list[tuple[PositiveFloat, PositiveFloat]]] = {}  # the same for convolutions
+    bandwidth_gb_s: PositiveFloat  # elementwise operators' bytes read + written per second
+    op_gb_s: dict[str, PositiveFloat] = {}  # operators measured on their own (AdamW's step), bytes per second
     seconds_per_op: NonNegativeFloat  # one eager operator in a training step (dispatch, autograd, launch)
+    seconds_per_step: NonNegativeFloat = 0.0  # a training step's cost besides its operators (Python, autocast)
 
 
 class GpuPreset(_Strict):

@@ -48,14 +48,18 @@ def test_the_simulated_operators_carry_the_steps_matmul_flops() -> None:
 
 def test_calibrate_writes_a_preset_that_plans_predict_from(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(calibration, "MIN_SECONDS", 0.01)
-    monkeypatch.setattr(calibration, "MATMUL_SIZES", (32, 128))
-    monkeypatch.setattr(calibration, "BANDWIDTH_ELEMENTS", 1 << 18)
+    monkeypatch.setattr(calibration, "LINEAR_SHAPES", ((32, 32, 32), (64, 128, 128)))
+    monkeypatch.setattr(calibration, "CONV_SHAPES", ((2, 16, 32, 3),))
+    monkeypatch.setattr(calibration, "ELEMENTWISE_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(calibration, "OPTIMIZER_PARAMS", 1 << 16)
     result = runner.invoke(app, ["calibrate", "--device", "cpu", "--name", "here", "--json"])
     assert result.exit_code == 0, result.output
     written = json.loads(result.stdout)
     preset = load_gpu_preset("here")
     assert preset.calibration is not None and preset.calibration.bandwidth_gb_s > 0
     assert preset.calibration.seconds_per_op > 0 and set(preset.calibration.matmul_tflops) == {"fp32", "bf16"}
+    assert set(preset.calibration.conv_tflops) == {"fp32", "bf16"} and "_fused_adamw_" in preset.calibration.op_gb_s
+    assert "gelu" in preset.calibration.op_gb_s and "native_layer_norm" in preset.calibration.op_gb_s
     assert preset.calibration.model_dump(mode="json") == written["calibration"]
     assert preset.vram_gib == load_gpu_preset("cpu").vram_gib  # memory figures from the CPU preset
     plan = runner.invoke(app, ["memory-plan", "multichannel", "--gpu", "here", "--batch-size", "8", "--json"])

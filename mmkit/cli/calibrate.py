@@ -52,9 +52,12 @@ def calibrate_cli(
         return
     cal = measured.calibration
     assert cal is not None
-    for precision, rows in cal.matmul_tflops.items():
-        rates = ", ".join(f"{(flops / 2) ** (1 / 3):.0f}³ {tflops * 1000:,.1f}" for flops, tflops in rows)
-        console.print(f"matmul {precision} (GFLOP/s, measured): {rates}")
-    console.print(f"memory bandwidth (measured): {cal.bandwidth_gb_s:,.1f} GB/s")
-    console.print(f"one operator in a training step (measured): {cal.seconds_per_op * 1e6:,.1f} µs")
+    for kind, table in (("matmul", cal.matmul_tflops), ("convolution", cal.conv_tflops)):
+        for precision, rows in table.items():
+            rates = ", ".join(f"{tflops * 1000:,.1f} at {flops / 1e6:,.2f} MFLOP" for flops, tflops in rows)
+            console.print(f"{kind} {precision}, forward + backward (GFLOP/s, measured): {rates}")
+    heavy = ", ".join(f"{op} {gb_s:,.1f}" for op, gb_s in sorted(cal.op_gb_s.items()))
+    console.print(f"bandwidth (GB/s, measured): simple operators {cal.bandwidth_gb_s:,.1f}; {heavy}")
+    console.print(f"one operator in a training step (measured): {cal.seconds_per_op * 1e6:,.1f} µs, "
+                  f"and {cal.seconds_per_step * 1e3:,.2f} ms per step besides its operators")
     console.print(f"wrote {path}: plan with `--gpu {name}` (memory figures from preset {preset.name!r})")

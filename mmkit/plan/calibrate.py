@@ -1,11 +1,15 @@
 """`mmkit calibrate`: a few seconds of micro-benchmarks on the local device, written as a GPU preset.
 
-Measured (medians of repeated calls, after a warm-up; CUDA synchronised around each call):
-- matmul throughput per precision at square sizes 32…1024 (the FLOPs of one call decide which
-  measured size the time model interpolates from);
-- memory bandwidth: an elementwise add of two 16M-element fp32 tensors, bytes read + written;
-- the cost of one eager operator inside a training step: a small MLP's full step (forward,
-  backward, clipping, AdamW), whose kernels are tiny, divided by the operators it dispatches.
+Measured (medians of repeated calls, after a warm-up; CUDA synchronised around each call), each as
+training runs it:
+- matmul throughput per precision: a Linear layer's forward and backward (autocast for bf16/fp16)
+  at five shapes (the FLOPs of one call decide which measured shape the time model interpolates
+  from), and the same for a Conv1d at four shapes (convolutions have their own kernels);
+- bandwidth, in the bytes the time model counts (inputs read, outputs written): of simple operators
+  (add, mul, casts) together, of GELU, layer norm, softmax and their backward each on its own, and
+  of AdamW's step;
+- the cost of one eager operator, and of a step besides its operators: mmkit's own training step of
+  two models whose kernels are tiny, 2 and 12 layers deep (the slope and the intercept).
 
 The preset (`local` unless named) copies the base preset's memory figures (the CPU preset, or the
 GPU's own when there is one) and adds a `[calibration]` table; `--gpu local` then predicts step
@@ -29,10 +33,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mmkit.errors import MmkitError
 from mmkit.settings import Calibration, GpuPreset
 
-MATMUL_SIZES = (32, 96, 256, 512, 1024)
-BANDWIDTH_ELEMENTS = 1 << 24
+LINEAR_SHAPES = ((32, 64, 64), (128, 128, 128), (512, 256, 256), (1024, 512, 512), (2048, 1024, 1024))  # rows, in, out
+CONV_SHAPES = ((4, 32, 128, 3), (8, 64, 256, 3), (16, 128, 256, 3), (16, 256, 512, 3))  # batch, channels, length, kernel
+ELEMENTWISE_ELEMENTS = 1 << 21
+OPTIMIZER_PARAMS = 1 << 21
 MIN_SECONDS = 0.12  # per measured figure
 MAX_CALLS = 400
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -54,29 +61,107 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return median_seconds
 
 
+def _autocast(device: torch.device, precision: str) -> Any:
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+def _forward_backward_rate(device: torch.device, precision: str, layer: nn.Module, x: torch.Tensor) -> float:
+    """FLOP/s of `layer`'s forward + backward (input and weight gradients: 3 × the forward's FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def step() -> None:
+        with _autocast(device, precision):
+            y = layer(x)
+        y.backward(torch.ones_like(y))
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / _timer(device)(step)
+
+
 def matmul_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
-    """(FLOPs per call, TFLOP/s) per precision at MATMUL_SIZES."""
-    timed = _timer(device)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    """(FLOPs of one matmul, TFLOP/s) per precision: a Linear layer's forward and backward at
+    LINEAR_SHAPES, as training runs it (autocast for bf16/fp16, transposed operands in backward)."""
     out: dict[str, list[tuple[float, float]]] = {}
     for precision in precisions:
         rows = []
-        for n in MATMUL_SIZES:
-            a = torch.randn(n, n, device=device).to(dtypes[precision])
-            b = torch.randn(n, n, device=device).to(dtypes[precision])
-            flops = 2.0 * n**3
-            rows.append((flops, flops / timed(lambda a=a, b=b: torch.mm(a, b)) / 1e12))
+        for m, k, n in LINEAR_SHAPES:
+            layer = nn.Linear(k, n, bias=False).to(device)
+            x = torch.randn(m, k, device=device, requires_grad=True)
+            rows.append((2.0 * m * k * n, _forward_backward_rate(device, precision, layer, x) / 1e12))
         out[precision] = rows
     return out
 
 
-def bandwidth_gb_s(device: torch.device) -> float:
-    timed = _timer(device)
-    a = torch.randn(BANDWIDTH_ELEMENTS, device=device)
-    b = torch.randn(BANDWIDTH_ELEMENTS, device=device)
-    c = torch.empty_like(a)
-    seconds = timed(lambda: torch.add(a, b, out=c))
-    return 3 * a.numel() * a.element_size() / seconds / 1e9
+def conv_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
+    """(FLOPs of one convolution's forward, TFLOP/s) per precision: a Conv1d's forward and backward."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for precision in precisions:
+        rows = []
+        for batch, channels, length, kernel in CONV_SHAPES:
+            layer = nn.Conv1d(channels, channels, kernel, padding=kernel // 2).to(device)
+            x = torch.randn(batch, channels, length, device=device, requires_grad=True)
+            flops = 2.0 * batch * channels * channels * kernel * length
+            rows.append((flops, _forward_backward_rate(device, precision, layer, x) / 1e12))
+        out[precision] = rows
+    return out
+
+
+GENERIC_OPS = {"add", "mul", "_to_copy", "copy_", "clone", "add_", "mul_", "sum", "fill_", "zeros_like", "ones_like"}
+
+
+def elementwise_rates(device: torch.device) -> tuple[float, dict[str, float]]:
+    """Bandwidth in the bytes the time model counts (inputs read + outputs written): of simple
+    operators (add, mul, casts, copies) together, and of each heavier one on its own (GELU, layer
+    norm, softmax and their backward), timed operator by operator inside a small forward + backward."""
+    from mmkit.plan.tracker import OpCosts
+
+    x = torch.randn(ELEMENTWISE_ELEMENTS // 256, 256, device=device, requires_grad=True)
+    norm = nn.LayerNorm(256).to(device)
+    seconds: dict[str, float] = {}
+    moved: dict[str, int] = {}
+
+    class _Timed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            costs = OpCosts()
+            costs.record(func, args, kwargs or {}, out)
+            for name, _, _, nbytes, _ in costs.as_list():
+                seconds[name] = seconds.get(name, 0.0) + elapsed
+                moved[name] = moved.get(name, 0) + nbytes
+            return out
+
+    def step() -> None:
+        y = torch.nn.functional.gelu(x * 1.5 + x)
+        y = norm(y.to(torch.bfloat16).float()).softmax(-1)
+        y.backward(torch.ones_like(y))
+
+    step()
+    start = time.perf_counter()
+    with _Timed():
+        while time.perf_counter() - start < 3 * MIN_SECONDS:
+            step()
+    generic = [n for n in seconds if n in GENERIC_OPS and moved[n]]
+    simple = sum(moved[n] for n in generic) / sum(seconds[n] for n in generic) / 1e9
+    heavy = {n: moved[n] / seconds[n] / 1e9 for n in seconds if n not in GENERIC_OPS and moved[n] and seconds[n] > 0}
+    return simple, heavy
+
+
+def optimizer_gb_s(device: torch.device) -> float:
+    """AdamW's step as training builds it (fused on a CPU), in the bytes the time model counts for it."""
+    from mmkit.train.step import build_optimizer
+
+    layer = nn.Linear(OPTIMIZER_PARAMS // 1024, 1024, bias=False).to(device)
+    layer.weight.grad = torch.randn_like(layer.weight)
+    optimizer = build_optimizer(layer, "adamw", 1e-3, 0.01)
+    optimizer.step()
+    seconds = _timer(device)(optimizer.step)
+    return 4 * layer.weight.numel() * 4 / seconds / 1e9  # parameters, gradients and two moments
 
 
 class _OpCounter(TorchDispatchMode):
@@ -90,25 +175,40 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def seconds_per_op(device: torch.device) -> float:
-    """A small MLP's training step (its kernels are tiny) over the operators it dispatches."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16))]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(4, 16, device=device)
+class _TinyModel(nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16))],
+                                 nn.Linear(16, 4))
 
-    def step() -> None:
-        loss = model(x).square().mean()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
-    step()  # creates the optimizer state
-    counter = _OpCounter()
-    with counter:
-        step()
-    return _timer(device)(step) / counter.ops
+
+def step_costs(device: torch.device) -> tuple[float, float]:
+    """(seconds per operator, seconds per step besides its operators): mmkit's own training step
+    (forward, loss, backward, clipping, AdamW as training builds it) of two models whose kernels are
+    tiny, 2 and 12 layers deep; the slope over the operators they dispatch, and the rest."""
+    from mmkit.train.step import build_optimizer, training_step
+
+    points = []
+    for depth in (2, 12):
+        torch.manual_seed(0)
+        model = _TinyModel(depth).to(device)
+        optimizer = build_optimizer(model, "adamw", 1e-3, 0.01)
+        inputs, labels = {"x": torch.randn(4, 16, device=device)}, torch.arange(4, device=device) % 4
+
+        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            training_step(model, optimizer, inputs, labels, grad_clip=1.0)
+
+        step()  # creates the optimizer state
+        counter = _OpCounter()
+        with counter:
+            step()
+        points.append((counter.ops, _timer(device)(step)))
+    (ops1, t1), (ops2, t2) = points
+    per_op = max((t2 - t1) / (ops2 - ops1), 0.0)
+    return per_op, max(t1 - per_op * ops1, 0.0)
 
 
 def calibrate(device: str, base: GpuPreset, name: str) -> GpuPreset:
@@ -119,11 +219,17 @@ def calibrate(device: str, base: GpuPreset, name: str) -> GpuPreset:
     precisions = tuple(p for p in base.precisions if p != "fp16" or dev.type == "cuda")
     what = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    simple, heavy = elementwise_rates(dev)
+    per_op, per_step = step_costs(dev)
+    optimizer_op = "_fused_adamw_" if dev.type == "cpu" else "_foreach_adamw"
     calibration = Calibration(
         source=f"mmkit calibrate on {what}, torch {torch.__version__}, {datetime.date.today().isoformat()}",
         matmul_tflops=matmul_rates(dev, precisions),  # type: ignore[arg-type]
-        bandwidth_gb_s=bandwidth_gb_s(dev),
-        seconds_per_op=seconds_per_op(dev),
+        conv_tflops=conv_rates(dev, precisions),  # type: ignore[arg-type]
+        bandwidth_gb_s=simple,
+        op_gb_s=heavy | {optimizer_op: optimizer_gb_s(dev)},
+        seconds_per_op=per_op,
+        seconds_per_step=per_step,
     )
     return base.model_copy(update={"name": name, "display_name": f"{base.display_name}, calibrated here",
                                    "calibration": calibration})

@@ -5,7 +5,7 @@ FLOP registry: matmuls, convolutions, attention) and the bytes it reads and writ
 (`StepMemory.costs`). The prediction is a roofline per operator plus its dispatch cost:
 
     step = Σ over operators  max(FLOPs / matmul rate for its dtype and size, bytes / bandwidth)
-           + operators × seconds per operator
+           + operators × seconds per operator + seconds per step
 
 The device's figures come from one of two sources, and every prediction says which:
 - **calibrated** (`mmkit calibrate`): matmul throughput measured per dtype at several sizes (a
@@ -29,6 +29,7 @@ from mmkit.settings import GpuPreset
 from mmkit.plan.timing import ASSUMED_SECONDS_PER_OP, ASSUMED_UTILIZATION, peak_tflops
 
 DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+CONVOLUTIONS = {"convolution", "convolution_backward", "_convolution", "cudnn_convolution", "_slow_conv2d_forward"}
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,19 @@ class DeviceRates:
     matmul: dict[str, tuple[tuple[float, float], ...]]  # precision → ((FLOPs per call, FLOP/s), ...) by size
     bandwidth: float  # bytes/s
     seconds_per_op: float
+    conv: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)  # as matmul; empty: matmul's
+    op_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s of operators measured on their own
+    seconds_per_step: float = 0.0  # a step's cost besides its operators
 
     @property
     def calibrated(self) -> bool:
         return self.source.startswith("calibrated")
 
-    def matmul_rate(self, precision: str, flops: float) -> float:
-        """FLOP/s of a matmul-like call of `flops` FLOPs (interpolated in log-log between measured sizes)."""
-        table = self.matmul.get(precision) or self.matmul["fp32"]
+    def matmul_rate(self, precision: str, flops: float, op: str = "mm") -> float:
+        """FLOP/s of a matmul-like call of `flops` FLOPs (interpolated in log-log between measured sizes);
+        convolutions from their own table where there is one."""
+        tables = self.conv if op in CONVOLUTIONS and self.conv else self.matmul
+        table = tables.get(precision) or tables.get("fp32") or self.matmul["fp32"]
         sizes = [s for s, _ in table]
         i = bisect.bisect_left(sizes, flops)
         if i == 0:
@@ -67,6 +73,9 @@ def device_rates(gpu: GpuPreset) -> DeviceRates:
             matmul={p: tuple((float(s), float(r) * 1e12) for s, r in sorted(rows)) for p, rows in cal.matmul_tflops.items()},
             bandwidth=cal.bandwidth_gb_s * 1e9,
             seconds_per_op=cal.seconds_per_op,
+            conv={p: tuple((float(s), float(r) * 1e12) for s, r in sorted(rows)) for p, rows in cal.conv_tflops.items()},
+            op_bandwidth={op: gb_s * 1e9 for op, gb_s in cal.op_gb_s.items()},
+            seconds_per_step=cal.seconds_per_step,
         )
     utilization = ASSUMED_UTILIZATION[gpu.device_type]
     matmul = {p: ((1.0, peak_tflops(gpu, p) * 1e12 * utilization),) for p in gpu.precisions}
@@ -98,13 +107,14 @@ def predict_step(costs: Sequence[Sequence], rates: DeviceRates) -> StepTime:
     operators = 0
     for op, dtype, flops, moved, calls in costs:
         operators += calls
-        memory_time = moved / rates.bandwidth
+        memory_time = moved / rates.op_bandwidth.get(op, rates.bandwidth)
         if flops > 0:
-            compute_time = flops / rates.matmul_rate(DTYPE_PRECISION.get(dtype, "fp32"), flops)
+            per_call = flops / 2 if op == "convolution_backward" else flops  # the table is keyed by a forward's FLOPs
+            compute_time = flops / rates.matmul_rate(DTYPE_PRECISION.get(dtype, "fp32"), per_call, op)
             if compute_time >= memory_time:
                 compute += calls * compute_time
                 continue
         memory += calls * memory_time
-    overhead = operators * rates.seconds_per_op
+    overhead = operators * rates.seconds_per_op + rates.seconds_per_step
     return StepTime(compute + memory + overhead, rates.source,
                     {"compute": compute, "memory": memory, "per_op": overhead}, operators)

@@ -123,7 +123,12 @@ class OpCosts:
         if known is None:
             return
         name, is_view, formula = known
-        tensors = [*_tensors(args), *_tensors(kwargs.values()), *_tensors(out if isinstance(out, (list, tuple)) else (out,))]
+        inputs = [*_tensors(args), *_tensors(kwargs.values())]
+        outputs = list(_tensors(out if isinstance(out, (list, tuple)) else (out,)))
+        if not is_view and not name.endswith("_") and outputs and inputs:  # an alias (`_unsafe_view`) moves nothing
+            sources = {id(t.untyped_storage()) for t in inputs if t.layout == torch.strided}
+            is_view = all(t.layout == torch.strided and id(t.untyped_storage()) in sources for t in outputs)
+        tensors = [*inputs, *outputs]
         moved = 0 if is_view else sum(t.numel() * t.element_size() for t in tensors)
         dtype = next((t.dtype for t in tensors if t.dtype.is_floating_point), None)
         key = (name, str(dtype).removeprefix("torch.") if dtype is not None else "other",
