@@ -23,7 +23,7 @@ from bench.common import goal, ms, part_main, quartiles, timed
 
 BATCH_SIZES = (4, 16)
 PRECISIONS = ("fp32", "bf16")
-ROUNDS = 5
+ROUNDS = 7
 GOAL_MEDIAN, GOAL_WORST = 0.15, 0.35
 
 

@@ -35,9 +35,9 @@ from mmkit.settings import Calibration, GpuPreset
 
 LINEAR_SHAPES = ((32, 64, 64), (128, 128, 128), (512, 256, 256), (1024, 512, 512), (2048, 1024, 1024))  # rows, in, out
 CONV_SHAPES = ((4, 32, 128, 3), (8, 64, 256, 3), (16, 128, 256, 3), (16, 256, 512, 3))  # batch, channels, length, kernel
-ELEMENTWISE_ELEMENTS = 1 << 21
-OPTIMIZER_PARAMS = 1 << 21
-MIN_SECONDS = 0.12  # per measured figure
+ELEMENTWISE_ELEMENTS = 1 << 22
+OPTIMIZER_PARAMS = 1 << 22
+MIN_SECONDS = 0.2  # per measured figure
 MAX_CALLS = 400
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
