@@ -152,17 +152,25 @@ def _max_batch(evaluate: _Evaluator, size: str, config: ModelConfig, low: int, c
 
 
 def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
-    """Largest batch predicted to fit, from the two largest simulated batches of `size`.
+    """Largest batch predicted to fit, from the tightest bracket of simulated batches of `size` (the
+    largest that fits and the smallest that does not), or else its smallest and largest: a wide base,
+    since the CUDA allocator's rounding makes nearby batches a poor slope.
 
     Each phase of the step (forward, backward, optimizer) has its own peak, affine in the batch
     size; the step's peak is their maximum, so each phase is extrapolated on its own.
     """
     points = sorted(
-        (b, c.train) for (s, b), c in evaluate.cache.items() if s == size and c.train is not None
+        (b, c.train, c.fits) for (s, b), c in evaluate.cache.items() if s == size and c.train is not None
     )
     if len(points) < 2:
         return None
-    (b1, m1), (b2, m2) = points[-2], points[-1]
+    fitting = [(b, m) for b, m, fits in points if fits]
+    failing = [(b, m) for b, m, fits in points if not fits]
+    if fitting and failing and failing[0][0] - fitting[-1][0] > 8:
+        (b1, m1), (b2, m2) = fitting[-1], failing[0]  # the tightest bracket: interpolate
+    else:
+        (b1, _m1, _), (b2, _m2, _) = points[0], points[-1]
+        m1, m2 = _m1, _m2
     reserve = evaluate.gpu.overhead.allocator_reserve_fraction
     fixed = sum(evaluate.gpu.overhead_bytes(0).values()) + sum(evaluate.extra_overhead(size).values())
     peak_budget = (evaluate.budget - fixed) / (1 + reserve)  # total = peak·(1 + reserve) + fixed
@@ -252,8 +260,9 @@ def fit_to_budget(
     chosen_index, chosen_batch = None, low
     best: tuple[int, int] | None = None  # (batch, index) for prefer=batch
     for index, (name, config) in enumerate(sizes):
-        # the second batch is speculative: it is the first point of the batch search if `low` fits
-        probes = [low, min(cap, max(2 * low, low + 1))] if auto_batch and cap > low else [low]
+        # the second batch is speculative: the cap, which ends the search if it fits and otherwise
+        # brackets the answer, so that the affine model interpolates rather than extrapolates
+        probes = [low, cap] if auto_batch and cap > low else [low]
         if not evaluate.many(name, config, probes)[0].fits:
             continue
         if prefer == "width" or not auto_batch:
