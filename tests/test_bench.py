@@ -29,7 +29,8 @@ def test_a_quick_latency_run_writes_the_report(tmp_path: Path, monkeypatch: pyte
     assert [g["goal"] for g in part["goals"]] == [
         "`mmkit --version` beyond `python -c pass`", "`mmkit count --help` beyond `python -c pass`",
         "`count lfm2 --size original` beyond `import torch`", "`count lfm2 --size original` peak RSS",
-        "`memory-plan --gpu rtx3050` (auto size and batch)",
+        "`memory-plan --gpu rtx3050` (auto size and batch), cold simulation cache",
+        "`memory-plan --gpu rtx3050`, warm simulation cache, beyond `import torch`",
     ]
     assert {"cpu", "cores", "torch", "date"} <= set(part["machine"])
     markdown = (tmp_path / "report.md").read_text()

@@ -18,10 +18,6 @@ LOGGERS: dict[str, tuple[tuple[str, ...], str]] = {
     "mlflow": (("mlflow", "sqlalchemy"), "mmkit-cli[mlflow]"),  # sqlalchemy: the default sqlite store
 }
 
-# the epoch record's fields that are not measurements
-NOT_SCALARS = ("epoch", "step", "best", "world_size", "grad_accum", "task")
-
-
 def check_loggers(names: Sequence[str]) -> tuple[str, ...]:
     """`names` without repeats, in order; an unknown name, or one whose package is not installed,
     is refused in one line saying what to install."""
@@ -48,34 +44,3 @@ def open_loggers(run_dir: Path, names: Sequence[str]) -> list[Any]:
 
             loggers.append(MlflowLogger(run_dir))
     return loggers
-
-
-def epoch_scalars(record: dict[str, Any]) -> dict[str, float]:
-    """An epoch's history record as logger scalars: `val_uar` → `val/uar`, `train_loss` →
-    `epoch/train_loss`, a continual run's `accuracies` → `test/accuracy_task1`…"""
-    scalars: dict[str, float] = {}
-    for key, value in record.items():
-        if key in NOT_SCALARS or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            scalars[f"val/{key[4:]}" if key.startswith("val_") else f"epoch/{key}"] = float(value)
-        elif key == "accuracies" and isinstance(value, list):
-            scalars.update({f"test/accuracy_task{j + 1}": float(a) for j, a in enumerate(value)})
-    return scalars
-
-
-def config_params(config_document: dict[str, Any]) -> dict[str, str]:
-    """run.json flattened to `training.lr`-style keys with string values (the runs' parameters)."""
-    params: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif not isinstance(value, list) or value:
-            params[prefix] = str(value)
-
-    for key in ("model", "size", "preset", "data", "device", "precision", "training", "mmkit_version",
-                "torch_version"):
-        walk(key, config_document.get(key))
-    return params

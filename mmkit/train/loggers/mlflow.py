@@ -24,7 +24,7 @@ from mmkit.atomic import write_json_atomic
 from mmkit.errors import MmkitError
 from mmkit.train.config import RunConfig
 from mmkit.train.forecast import RunForecast
-from mmkit.train.loggers import config_params, epoch_scalars
+from mmkit.train.loggers.records import config_params, epoch_scalars
 from mmkit.train.metrics import ClassificationMetrics
 from mmkit.train.report import StepRecord
 

@@ -17,7 +17,7 @@ from typing import Any
 from mmkit.train.charts import confusion_pixels
 from mmkit.train.config import RunConfig
 from mmkit.train.forecast import RunForecast
-from mmkit.train.loggers import epoch_scalars
+from mmkit.train.loggers.records import epoch_scalars
 from mmkit.train.metrics import ClassificationMetrics
 from mmkit.train.report import StepRecord
 
