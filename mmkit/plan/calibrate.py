@@ -31,7 +31,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmkit.errors import MmkitError
+from mmkit.plan.tracker import OpCosts
 from mmkit.settings import Calibration, GpuPreset
+from mmkit.train.step import AMP_DTYPES, build_optimizer, training_step
 
 LINEAR_SHAPES = ((32, 64, 64), (128, 128, 128), (512, 256, 256), (1024, 512, 512), (2048, 1024, 1024))  # rows, in, out
 CONV_SHAPES = ((4, 32, 128, 3), (8, 64, 256, 3), (16, 128, 256, 3), (16, 256, 512, 3))  # batch, channels, length, kernel
@@ -39,7 +41,6 @@ ELEMENTWISE_ELEMENTS = 1 << 22
 OPTIMIZER_PARAMS = 1 << 22
 MIN_SECONDS = 0.2  # per measured figure
 MAX_CALLS = 400
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -62,7 +63,7 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES)
 
 
 def _forward_backward_rate(device: torch.device, precision: str, layer: nn.Module, x: torch.Tensor) -> float:
@@ -111,30 +112,33 @@ def conv_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, l
 GENERIC_OPS = {"add", "mul", "_to_copy", "copy_", "clone", "add_", "mul_", "sum", "fill_", "zeros_like", "ones_like"}
 
 
+class _Recording(TorchDispatchMode):
+    """Each operator dispatched inside it: its costs as the time model counts them (`costs`) and the
+    seconds it took, by operator (metadata queries, which OpCosts leaves out, are not timed)."""
+
+    def __init__(self, costs: OpCosts, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.costs, self.device = costs, device
+        self.seconds: dict[str, float] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if func.namespace != "prim":
+            name = func.overloadpacket.__name__
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.costs.record(func, args, kwargs or {}, out)
+        return out
+
+
 def elementwise_rates(device: torch.device) -> tuple[float, dict[str, float]]:
     """Bandwidth in the bytes the time model counts (inputs read + outputs written): of simple
     operators (add, mul, casts, copies) together, and of each heavier one on its own (GELU, layer
     norm, softmax and their backward), timed operator by operator inside a small forward + backward."""
-    from mmkit.plan.tracker import OpCosts
-
     x = torch.randn(ELEMENTWISE_ELEMENTS // 256, 256, device=device, requires_grad=True)
     norm = nn.LayerNorm(256).to(device)
-    seconds: dict[str, float] = {}
-    moved: dict[str, int] = {}
-
-    class _Timed(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            start = time.perf_counter()
-            out = func(*args, **(kwargs or {}))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start
-            costs = OpCosts()
-            costs.record(func, args, kwargs or {}, out)
-            for name, _, _, nbytes, _ in costs.as_list():
-                seconds[name] = seconds.get(name, 0.0) + elapsed
-                moved[name] = moved.get(name, 0) + nbytes
-            return out
 
     def step() -> None:
         y = torch.nn.functional.gelu(x * 1.5 + x)
@@ -144,37 +148,29 @@ def elementwise_rates(device: torch.device) -> tuple[float, dict[str, float]]:
     start = time.perf_counter()
     while time.perf_counter() - start < 4 * MIN_SECONDS:  # warm-up: the heap grows to the working set once
         step()
+    recording = _Recording(OpCosts(), device)
     start = time.perf_counter()
-    with _Timed():
+    with recording:
         while time.perf_counter() - start < 3 * MIN_SECONDS:
             step()
-    generic = [n for n in seconds if n in GENERIC_OPS and moved[n]]
+    moved: dict[str, int] = {}
+    for name, _, _, nbytes, calls in recording.costs.as_list():
+        moved[name] = moved.get(name, 0) + nbytes * calls
+    seconds = recording.seconds
+    generic = [n for n in moved if n in GENERIC_OPS and moved[n]]
     simple = sum(moved[n] for n in generic) / sum(seconds[n] for n in generic) / 1e9
-    heavy = {n: moved[n] / seconds[n] / 1e9 for n in seconds if n not in GENERIC_OPS and moved[n] and seconds[n] > 0}
+    heavy = {n: moved[n] / seconds[n] / 1e9 for n in moved if n not in GENERIC_OPS and moved[n] and seconds[n] > 0}
     return simple, heavy
 
 
 def optimizer_gb_s(device: torch.device) -> float:
     """AdamW's step as training builds it (fused on a CPU), in the bytes the time model counts for it."""
-    from mmkit.train.step import build_optimizer
-
     layer = nn.Linear(OPTIMIZER_PARAMS // 1024, 1024, bias=False).to(device)
     layer.weight.grad = torch.randn_like(layer.weight)
     optimizer = build_optimizer(layer, "adamw", 1e-3, 0.01)
     optimizer.step()
     seconds = _timer(device)(optimizer.step)
     return 4 * layer.weight.numel() * 4 / seconds / 1e9  # parameters, gradients and two moments
-
-
-class _OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func.namespace != "prim":
-            self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _TinyModel(nn.Module):
@@ -191,8 +187,6 @@ def step_costs(device: torch.device) -> tuple[float, float]:
     """(seconds per operator, seconds per step besides its operators): mmkit's own training step
     (forward, loss, backward, clipping, AdamW as training builds it) of two models whose kernels are
     tiny, 2 and 12 layers deep; the slope over the operators they dispatch, and the rest."""
-    from mmkit.train.step import build_optimizer, training_step
-
     points = []
     for depth in (2, 12):
         torch.manual_seed(0)
@@ -204,10 +198,10 @@ def step_costs(device: torch.device) -> tuple[float, float]:
             training_step(model, optimizer, inputs, labels, grad_clip=1.0)
 
         step()  # creates the optimizer state
-        counter = _OpCounter()
-        with counter:
+        recording = _Recording(OpCosts())
+        with recording:
             step()
-        points.append((counter.ops, _timer(device)(step)))
+        points.append((sum(calls for *_, calls in recording.costs.as_list()), _timer(device)(step)))
     (ops1, t1), (ops2, t2) = points
     per_op = max((t2 - t1) / (ops2 - ops1), 0.0)
     return per_op, max(t1 - per_op * ops1, 0.0)

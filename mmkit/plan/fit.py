@@ -42,6 +42,8 @@ from mmkit.plan.memory import (
 from mmkit.settings import GpuPreset
 
 Prefer = Literal["width", "batch"]
+# batches closer than this bracket the answer too tightly for a slope (the CUDA allocator's rounding)
+NARROW_BRACKET = 8
 DDP_GRADIENT_BYTES = 4  # per trainable parameter: buckets hold gradients in the fp32 parameters' dtype
 
 
@@ -166,11 +168,10 @@ def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
         return None
     fitting = [(b, m) for b, m, fits in points if fits]
     failing = [(b, m) for b, m, fits in points if not fits]
-    if fitting and failing and failing[0][0] - fitting[-1][0] > 8:
+    if fitting and failing and failing[0][0] - fitting[-1][0] > NARROW_BRACKET:
         (b1, m1), (b2, m2) = fitting[-1], failing[0]  # the tightest bracket: interpolate
     else:
-        (b1, _m1, _), (b2, _m2, _) = points[0], points[-1]
-        m1, m2 = _m1, _m2
+        (b1, m1), (b2, m2) = (points[0][:2], points[-1][:2])
     reserve = evaluate.gpu.overhead.allocator_reserve_fraction
     fixed = sum(evaluate.gpu.overhead_bytes(0).values()) + sum(evaluate.extra_overhead(size).values())
     peak_budget = (evaluate.budget - fixed) / (1 + reserve)  # total = peak·(1 + reserve) + fixed

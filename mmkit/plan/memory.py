@@ -200,11 +200,7 @@ class FakeTrainingRig:
 
     def training_step(self, batch_size: int) -> StepMemory:
         """Peak live tensor bytes of one steady-state training step, by category."""
-        memory = self.cached_training_step(batch_size)
-        if memory is None:
-            memory = self._simulate(batch_size)
-            store("train-step", self.cache_key(batch_size), dataclasses.asdict(memory))
-        return memory
+        return simulate_batches(self, [batch_size])[0]
 
     def _simulate(self, batch_size: int) -> StepMemory:
         self._build()
@@ -274,17 +270,20 @@ def release_fake_process_group() -> None:
 
 
 def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool = True) -> list[StepMemory]:
-    """Simulate several batch sizes on one rig; with two or more cores, forked children take all
-    but the last (results come back as JSON over a pipe). A failed child is simulated again here.
-    """
+    """Simulate several batch sizes on one rig, those the simulation cache holds read from it; with
+    two or more cores, forked children take all but the last of the others (results come back as
+    JSON over a pipe). A failed child is simulated again here."""
     known = {b: m for b in batch_sizes if (m := rig.cached_training_step(b)) is not None}
     todo = [b for b in batch_sizes if b not in known]
-    if len(todo) < len(batch_sizes):
-        fresh = simulate_batches(rig, todo, parallel) if todo else []
-        known.update(zip(todo, fresh, strict=True))
-        return [known[b] for b in batch_sizes]
+    for b, memory in zip(todo, _simulate_fresh(rig, todo, parallel), strict=True):
+        store("train-step", rig.cache_key(b), dataclasses.asdict(memory))
+        known[b] = memory
+    return [known[b] for b in batch_sizes]
+
+
+def _simulate_fresh(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool) -> list[StepMemory]:
     if len(batch_sizes) < 2 or not parallel or not hasattr(os, "fork") or (os.cpu_count() or 1) < 2:
-        return [rig.training_step(b) for b in batch_sizes]
+        return [rig._simulate(b) for b in batch_sizes]
     rig._build()  # once, before forking: the children share it
     children = []
     for b in batch_sizes[:-1]:
@@ -302,16 +301,12 @@ def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: boo
                 os._exit(status)
         os.close(write_fd)
         children.append((b, pid, read_fd))
-    results = {batch_sizes[-1]: rig.training_step(batch_sizes[-1])}
+    results = {batch_sizes[-1]: rig._simulate(batch_sizes[-1])}
     for b, pid, read_fd in children:
         with os.fdopen(read_fd, "rb") as pipe:
             payload = pipe.read()
         _, status = os.waitpid(pid, 0)
-        if status == 0 and payload:
-            results[b] = StepMemory(**json.loads(payload))
-            store("train-step", rig.cache_key(b), payload=json.loads(payload))
-        else:
-            results[b] = rig.training_step(b)
+        results[b] = StepMemory(**json.loads(payload)) if status == 0 and payload else rig._simulate(b)
     return [results[b] for b in batch_sizes]
 
 

@@ -203,7 +203,7 @@ def plan_memory(
         time_estimate = estimate_time(
             gpu, precision, fit.batch_size, flops.train_flops, flops.forward_flops, moved,
             train_samples, val_samples, epochs, ops_per_step=memory.ops,
-            step_model=predict_step(memory.costs, device_rates(gpu)).as_dict() if memory.costs else None,
+            step_model=predict_step(memory.costs, device_rates(gpu)).as_dict(),
         )
 
     measured = None

@@ -17,10 +17,8 @@ from typing import Any
 
 from mmkit.errors import MmkitError
 from mmkit.models.registry import ModelEntry
-from mmkit.plan.count import config_flops
 from mmkit.plan.fit import Candidate, FitResult, evaluate_batch, fit_to_budget
 from mmkit.plan.timemodel import device_rates, predict_step
-from mmkit.plan.timing import estimate_time
 from mmkit.settings import GpuPreset
 
 
@@ -120,15 +118,8 @@ def search_training_plans(
 def _step_seconds(fit: FitResult, gpu: GpuPreset, precision: str, micro: int, candidate: Candidate) -> float:
     """Predicted seconds of one micro-step from its simulated operators (mmkit.plan.timemodel; a
     checkpointed model's operators include its recompute)."""
-    memory = candidate.train
-    assert memory is not None
-    if memory.costs:
-        return predict_step(memory.costs, device_rates(gpu)).seconds
-    flops = config_flops(fit.entry, fit.config)
-    moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
-    estimate = estimate_time(gpu, precision, micro, flops.train_flops, flops.forward_flops, moved,
-                             train_samples=micro, val_samples=0, epochs=1, ops_per_step=memory.ops)
-    return estimate.step_seconds
+    assert candidate.train is not None
+    return predict_step(candidate.train.costs, device_rates(gpu)).seconds
 
 
 def _rejections(options: list[SearchOption], failed: list[tuple[str, bool, int]], next_micro: Candidate | None,

@@ -44,10 +44,6 @@ class DeviceRates:
     op_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s of operators measured on their own
     seconds_per_step: float = 0.0  # a step's cost besides its operators
 
-    @property
-    def calibrated(self) -> bool:
-        return self.source.startswith("calibrated")
-
     def matmul_rate(self, precision: str, flops: float, op: str = "mm") -> float:
         """FLOP/s of a matmul-like call of `flops` FLOPs (interpolated in log-log between measured sizes);
         convolutions from their own table where there is one."""

@@ -40,27 +40,21 @@ class TimeEstimate:
     step_model: dict[str, object] | None = None
 
     def as_dict(self) -> dict[str, object]:
+        common: dict[str, object] = {
+            "step_seconds": self.step_seconds, "epoch_seconds": self.epoch_seconds, "total_seconds": self.total_seconds,
+            "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "train_samples": self.train_samples,
+            "val_samples": self.val_samples, "bound": self.bound,
+        }
         if self.step_model is not None:
-            return {
-                "step_seconds": self.step_seconds, "epoch_seconds": self.epoch_seconds,
-                "total_seconds": self.total_seconds, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
-                "train_samples": self.train_samples, "val_samples": self.val_samples, "bound": self.bound,
+            return common | {
                 "step_model": self.step_model,
                 "method": "predicted: the step from the simulated step's operators (step_model: its figures' "
-                "source), the validation pass from forward FLOPs at the preset's peak × assumed utilization; data loading "
-                "not included",
+                "source), the validation pass from forward FLOPs at the preset's peak × assumed utilization; data "
+                "loading not included",
             }
-        return {
-            "step_seconds": self.step_seconds,
-            "epoch_seconds": self.epoch_seconds,
-            "total_seconds": self.total_seconds,
-            "steps_per_epoch": self.steps_per_epoch,
-            "epochs": self.epochs,
-            "train_samples": self.train_samples,
-            "val_samples": self.val_samples,
+        return common | {
             "assumed_utilization": self.utilization,
             "peak_tflops": self.tflops,
-            "bound": self.bound,
             "ops_per_step": self.ops_per_step,
             "assumed_seconds_per_op": ASSUMED_SECONDS_PER_OP.get(self.device_type, float("nan")),
             "method": "estimate: the slowest of FLOPs from count / (peak TFLOP/s × assumed "
