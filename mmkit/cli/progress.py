@@ -26,7 +26,7 @@ from mmkit.cli.common import console, err_console, human_duration
 from mmkit.train.config import RunConfig
 from mmkit.train.forecast import RunForecast
 from mmkit.train.metrics import ClassificationMetrics
-from mmkit.train.report import StepRecord
+from mmkit.train.report import SilentReporter, StepRecord
 
 
 class StepElapsedColumn(ProgressColumn):
@@ -147,7 +147,7 @@ class RichReporter:
             )
 
 
-class RankReporter:
+class RankReporter(SilentReporter):
     """Ranks other than 0 of a data-parallel run: no progress bars, no summaries (rank 0 has them);
     only warnings, logged at warning level with the rank."""
 
@@ -155,14 +155,6 @@ class RankReporter:
         self.rank = rank
         self.logger = logging.getLogger("mmkit")
 
-    def start(self, config: RunConfig, resumed_from: str | None, step: int = 0) -> None: ...
-    def forecast(self, forecast: RunForecast) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
-    def step(self, record: StepRecord) -> None: ...
-    def epoch_end(self, record: dict[str, Any]) -> None: ...
-    def checkpoint_saved(self, step: int) -> None: ...
-
     def message(self, text: str) -> None:
         self.logger.warning("[rank %d] %s", self.rank, text)
 
-    def end(self, test: ClassificationMetrics | None) -> None: ...

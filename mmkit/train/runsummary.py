@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from mmkit.errors import MmkitError
-from mmkit.train.checkpoint import list_checkpoints, read_pointer_record, step_of
+from mmkit.train.checkpoint import list_checkpoints, step_of
 from mmkit.train.config import RunConfig
 from mmkit.train.rundir import METRICS_FILE, read_history
+from mmkit.train.state import pointer_target
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,8 @@ def summarize_run(run_dir: Path, *, simulate_memory: bool = True) -> RunSummary:
     return RunSummary(run_dir, config, read_history(run_dir), metrics, _checkpoints(run_dir), memory, note)
 
 
-def _pointer(run_dir: Path, name: str) -> str | None:
-    try:
-        return read_pointer_record(run_dir, name)["path"]
-    except MmkitError:
-        return None
-
-
 def _checkpoints(run_dir: Path) -> tuple[CheckpointInfo, ...]:
-    best, last = _pointer(run_dir, "best"), _pointer(run_dir, "last")
+    best, last = pointer_target(run_dir, "best"), pointer_target(run_dir, "last")
     found = []
     for path in list_checkpoints(run_dir):
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -79,10 +73,12 @@ def _checkpoints(run_dir: Path) -> tuple[CheckpointInfo, ...]:
 
 
 def _memory(config: RunConfig, simulate: bool) -> tuple[MemoryBreakdown | None, str | None]:
+    from mmkit.plan.tracker import CATEGORIES
+
     fit = config.fit or {}
     train = fit.get("train")
     if isinstance(train, dict):
-        parts = [(c, int(train[c])) for c in ("weights", "gradients", "optimizer", "activations", "other")]
+        parts = [(c, int(train.get(c, 0))) for c in CATEGORIES]
         parts += [(f"overhead: {k}", int(v)) for k, v in (fit.get("overhead") or {}).items()]
         return MemoryBreakdown(tuple(parts), fit.get("budget_bytes"),
                                f"the plan `auto` fitted to {fit.get('gpu')} when the run was made "
@@ -90,7 +86,6 @@ def _memory(config: RunConfig, simulate: bool) -> tuple[MemoryBreakdown | None, 
     if not simulate:
         return None, "not simulated (--no-memory)"
     from mmkit.plan.memory import StepSettings, simulate_training_step
-    from mmkit.plan.tracker import CATEGORIES
 
     recipe = config.training
     micro_batch = math.ceil(int(recipe.batch_size) / recipe.grad_accum)

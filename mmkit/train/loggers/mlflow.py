@@ -23,10 +23,9 @@ from typing import Any
 from mmkit.atomic import write_json_atomic
 from mmkit.errors import MmkitError
 from mmkit.train.config import RunConfig
-from mmkit.train.forecast import RunForecast
 from mmkit.train.loggers.records import config_params, epoch_scalars
 from mmkit.train.metrics import ClassificationMetrics
-from mmkit.train.report import StepRecord
+from mmkit.train.report import SilentReporter, StepRecord
 
 MLFLOW_FILE = "mlflow.json"
 EXPERIMENT = "mmkit"
@@ -38,7 +37,7 @@ def default_tracking_uri(run_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
 
 
-class MlflowLogger:
+class MlflowLogger(SilentReporter):
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.client: Any = None
@@ -46,10 +45,14 @@ class MlflowLogger:
         self.logged: dict[str, int] = {}  # metric → the last step the store holds
         self.pending: list[Any] = []
         self.finished = False
+        self.metric: Any = None  # mlflow.entities.Metric, imported by start()
 
     def start(self, config: RunConfig, resumed_from: str | None, step: int = 0) -> None:
+        from mlflow.entities import Metric
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+
+        self.metric = Metric
 
         for name in ("mlflow", "alembic"):  # their set-up lines (creating tables) are not the run's
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -90,9 +93,7 @@ class MlflowLogger:
     def _add(self, key: str, value: float, step: int) -> None:
         if step <= self.logged.get(key, 0):
             return  # logged before the run was resumed
-        from mlflow.entities import Metric
-
-        self.pending.append(Metric(key, value, int(time.time() * 1000), step))
+        self.pending.append(self.metric(key, value, int(time.time() * 1000), step))
         self.logged[key] = step
         if len(self.pending) >= BATCH:
             self.flush()
@@ -101,9 +102,6 @@ class MlflowLogger:
         if self.pending:
             self.client.log_batch(self.run_id, metrics=self.pending)
             self.pending = []
-
-    def forecast(self, forecast: RunForecast) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
 
     def step(self, record: StepRecord) -> None:
         self._add("train/loss", record.loss, record.step)
@@ -116,8 +114,6 @@ class MlflowLogger:
 
     def checkpoint_saved(self, step: int) -> None:
         self.flush()
-
-    def message(self, text: str) -> None: ...
 
     def end(self, test: ClassificationMetrics | None) -> None:
         if test is not None:

@@ -16,15 +16,14 @@ from typing import Any
 
 from mmkit.train.charts import confusion_pixels
 from mmkit.train.config import RunConfig
-from mmkit.train.forecast import RunForecast
 from mmkit.train.loggers.records import epoch_scalars
 from mmkit.train.metrics import ClassificationMetrics
-from mmkit.train.report import StepRecord
+from mmkit.train.report import SilentReporter, StepRecord
 
 TB_DIR = "tb"
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(SilentReporter):
     def __init__(self, run_dir: Path) -> None:
         self.log_dir = Path(run_dir) / TB_DIR
         self.writer: Any = None
@@ -43,9 +42,6 @@ class TensorBoardLogger:
             text = json.dumps(config.model_dump(mode="json"), indent=2)
             self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
 
-    def forecast(self, forecast: RunForecast) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
-
     def step(self, record: StepRecord) -> None:
         self.writer.add_scalar("train/loss", record.loss, record.step)
         self.writer.add_scalar("train/lr", record.lr, record.step)
@@ -60,8 +56,6 @@ class TensorBoardLogger:
 
     def checkpoint_saved(self, step: int) -> None:
         self.writer.flush()
-
-    def message(self, text: str) -> None: ...
 
     def end(self, test: ClassificationMetrics | None) -> None:
         if test is not None:
