@@ -37,6 +37,16 @@ def test_each_operator_is_bound_by_the_slower_of_compute_and_memory_plus_its_dis
     assert rates.matmul_rate("bf16", 1e9) == 1e10  # an unmeasured precision falls back to fp32, clamped
 
 
+def test_a_random_fill_costs_per_element_whatever_its_dtype() -> None:
+    rates = DeviceRates("calibrated: test", {"fp32": ((1.0, 1e9),)}, bandwidth=1e9, seconds_per_op=0.0,
+                        op_bandwidth={"bernoulli_": 1e8})
+    fp32 = predict_step([["bernoulli_", "float32", 0, 4 * 10**6, 1]], rates)
+    bf16 = predict_step([["bernoulli_", "bfloat16", 0, 2 * 10**6, 1]], rates)  # the same million elements
+    assert fp32.seconds == pytest.approx(0.04) and bf16.seconds == pytest.approx(0.04)
+    add = predict_step([["add", "bfloat16", 0, 2 * 10**6, 1]], rates)  # a plain operator: per byte
+    assert add.seconds == pytest.approx(0.002)
+
+
 def test_the_simulated_operators_carry_the_steps_matmul_flops() -> None:
     entry = get_model_entry("multichannel")
     config = entry.sizes[entry.default_size]

@@ -113,6 +113,6 @@ def render_count(report: CountReport) -> None:
     console.print(weights)
     console.print(
         "[dim]Parameters counted on the meta device (nothing allocated). FLOPs from torch's "
-        "FlopCounterMode: matrix products, convolutions and attention, 1 MAC = 2 FLOPs; "
+        "FLOP formulas: matrix products, convolutions and attention, 1 MAC = 2 FLOPs; "
         "elementwise ops are not counted. A figure quoted as “FLOPs” elsewhere is often MACs.[/dim]"
     )

@@ -196,15 +196,13 @@ def _why(candidate: Candidate | None, what: str, budget: int) -> str | None:
 
 
 def _time_label(t: TimeEstimate) -> str:
-    if t.step_model is None:
-        return "[yellow](estimate)[/yellow]"
+    assert t.step_model is not None  # a plan's time is always the operator time model's
     calibrated = str(t.step_model["source"]).startswith("calibrated")
     return f"[yellow](predicted from {'a calibration' if calibrated else 'datasheet figures'})[/yellow]"
 
 
-def _time_basis(t: TimeEstimate, precision: str) -> str:
-    if t.step_model is None:
-        return f"assumes {t.utilization:.0%} of {t.tflops:g} TFLOP/s {precision}"
+def _time_basis(t: TimeEstimate) -> str:
+    assert t.step_model is not None
     return f"{t.step_model['operators']:,} operators of the simulated step; {t.step_model['source']}"
 
 
@@ -283,14 +281,14 @@ def render_plan(plan: MemoryPlan, preset: str) -> None:
         t = plan.time
         console.print(
             f"time {_time_label(t)}: {human_duration(t.step_seconds)} per training step "
-            f"[dim]({t.bound}-bound; {_time_basis(t, plan.precision)}; give --data for the time per epoch)[/dim]"
+            f"[dim]({t.bound}-bound; {_time_basis(t)}; give --data for the time per epoch)[/dim]"
         )
     elif plan.time is not None:
         t = plan.time
         console.print(
             f"time {_time_label(t)}: {t.steps_per_epoch} steps/epoch × {human_duration(t.step_seconds)}"
             f" → {human_duration(t.epoch_seconds)}/epoch, {human_duration(t.total_seconds)} for {t.epochs} epochs "
-            f"[dim]({t.bound}-bound; {_time_basis(t, plan.precision)}, {t.train_samples} training samples)[/dim]"
+            f"[dim]({t.bound}-bound; {_time_basis(t)}, {t.train_samples} training samples)[/dim]"
         )
     if plan.measure is not None:
         m = plan.measure

@@ -1,13 +1,15 @@
 """`mmkit calibrate`: a few seconds of micro-benchmarks on the local device, written as a GPU preset.
 
-Measured (medians of repeated calls, after a warm-up; CUDA synchronised around each call), each as
-training runs it:
+Measured (medians of repeated calls, after a warm-up; CUDA synchronised around each call) in three
+rounds one after the other, each figure the median of its rounds (a burst of other work on a shared
+machine slows one round, not the result), each as training runs it:
 - matmul throughput per precision: a Linear layer's forward and backward (autocast for bf16/fp16)
   at five shapes (the FLOPs of one call decide which measured shape the time model interpolates
   from), and the same for a Conv1d at four shapes (convolutions have their own kernels);
 - bandwidth, in the bytes the time model counts (inputs read, outputs written): of simple operators
-  (add, mul, casts) together, of GELU, layer norm, softmax and their backward each on its own, and
-  of AdamW's step;
+  (add, mul, copies) together, of casts, GELU, layer norm, softmax, batch norm, dropout's random mask
+  and their backward each on its own, of matmuls that stream a weight through a few rows (a small
+  batch through a wide layer), and of AdamW's step;
 - the cost of one eager operator, and of a step besides its operators: mmkit's own training step of
   two models whose kernels are tiny, 2 and 12 layers deep (the slope and the intercept).
 
@@ -39,7 +41,8 @@ LINEAR_SHAPES = ((32, 64, 64), (128, 128, 128), (512, 256, 256), (1024, 512, 512
 CONV_SHAPES = ((4, 32, 128, 3), (8, 64, 256, 3), (16, 128, 256, 3), (16, 256, 512, 3))  # batch, channels, length, kernel
 ELEMENTWISE_ELEMENTS = 1 << 22
 OPTIMIZER_PARAMS = 1 << 22
-MIN_SECONDS = 0.2  # per measured figure
+ROUNDS = 3  # every figure is measured once per round, the rounds one after the other; the median is kept
+MIN_SECONDS = 0.07  # per measured figure and round
 MAX_CALLS = 400
 
 
@@ -67,18 +70,20 @@ def _autocast(device: torch.device, precision: str) -> Any:
 
 
 def _forward_backward_rate(device: torch.device, precision: str, layer: nn.Module, x: torch.Tensor) -> float:
-    """FLOP/s of `layer`'s forward + backward (input and weight gradients: 3 × the forward's FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOP/s of `layer`'s forward + backward (input and weight gradients: 3 × the forward's FLOPs):
+    the FLOPs of its matmuls or convolutions over the time of those operators alone, timed one by
+    one, as the time model charges them (autocast's casts and each operator's dispatch are charged
+    apart, at their bandwidth and the per-operator cost)."""
     def step() -> None:
         with _autocast(device, precision):
             y = layer(x)
         y.backward(torch.ones_like(y))
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    for _ in range(2):
         step()
-    return counter.get_total_flops() / _timer(device)(step)
+    recording = _recorded(device, step, MIN_SECONDS)
+    flops = {name: n for name, n in recording.totals(2).items() if n}
+    return sum(flops.values()) / sum(recording.seconds[name] for name in flops)
 
 
 def matmul_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
@@ -109,7 +114,7 @@ def conv_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, l
     return out
 
 
-GENERIC_OPS = {"add", "mul", "_to_copy", "copy_", "clone", "add_", "mul_", "sum", "fill_", "zeros_like", "ones_like"}
+GENERIC_OPS = {"add", "mul", "copy_", "clone", "add_", "mul_", "sum", "fill_", "zeros_like", "ones_like"}
 
 
 class _Recording(TorchDispatchMode):
@@ -129,38 +134,80 @@ class _Recording(TorchDispatchMode):
         if func.namespace != "prim":
             name = func.overloadpacket.__name__
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        self.costs.record(func, args, kwargs or {}, out)
+            self.costs.record(func, args, kwargs or {}, out)
         return out
+
+    def totals(self, column: int) -> dict[str, int]:
+        """A column of the recorded costs (2: FLOPs, 3: bytes) summed over calls, by operator."""
+        out: dict[str, int] = {}
+        for row in self.costs.as_list():
+            out[row[0]] = out.get(row[0], 0) + row[column] * row[4]
+        return out
+
+
+def _recorded(device: torch.device, step: Callable[[], None], seconds: float) -> _Recording:
+    """`step` run again and again for `seconds` (at most MAX_CALLS times), recorded operator by operator."""
+    recording = _Recording(OpCosts(), device)
+    start, calls = time.perf_counter(), 0
+    with recording:
+        while time.perf_counter() - start < seconds and calls < MAX_CALLS:
+            step()
+            calls += 1
+    return recording
 
 
 def elementwise_rates(device: torch.device) -> tuple[float, dict[str, float]]:
     """Bandwidth in the bytes the time model counts (inputs read + outputs written): of simple
     operators (add, mul, casts, copies) together, and of each heavier one on its own (GELU, layer
-    norm, softmax and their backward), timed operator by operator inside a small forward + backward."""
+    norm, softmax and their backward; batch norm and dropout's random mask in a second chain), timed
+    operator by operator inside small forward + backward passes."""
     x = torch.randn(ELEMENTWISE_ELEMENTS // 256, 256, device=device, requires_grad=True)
     norm = nn.LayerNorm(256).to(device)
+    batch_norm = nn.BatchNorm1d(256).to(device)
 
-    def step() -> None:
+    def chain() -> None:
         y = torch.nn.functional.gelu(x * 1.5 + x)
         y = norm(y.to(torch.bfloat16).float()).softmax(-1)
         y.backward(torch.ones_like(y))
 
+    def regularizers() -> None:
+        y = torch.nn.functional.dropout(batch_norm(x), 0.1, training=True)
+        y.backward(torch.ones_like(y))
+
+    def step() -> None:
+        chain()
+        regularizers()
+
     start = time.perf_counter()
-    while time.perf_counter() - start < 4 * MIN_SECONDS:  # warm-up: the heap grows to the working set once
+    while time.perf_counter() - start < 8 * MIN_SECONDS:  # warm-up: the heap grows to the working set once
         step()
-    recording = _Recording(OpCosts(), device)
-    start = time.perf_counter()
-    with recording:
-        while time.perf_counter() - start < 3 * MIN_SECONDS:
-            step()
-    moved: dict[str, int] = {}
-    for name, _, _, nbytes, calls in recording.costs.as_list():
-        moved[name] = moved.get(name, 0) + nbytes * calls
-    seconds = recording.seconds
+    recording = _recorded(device, step, 6 * MIN_SECONDS)
+    moved, seconds = recording.totals(3), recording.seconds
     generic = [n for n in moved if n in GENERIC_OPS and moved[n]]
     simple = sum(moved[n] for n in generic) / sum(seconds[n] for n in generic) / 1e9
     heavy = {n: moved[n] / seconds[n] / 1e9 for n in moved if n not in GENERIC_OPS and moved[n] and seconds[n] > 0}
     return simple, heavy
+
+
+THIN_LINEAR = (4, 1024, 1024)  # rows, in, out: a small batch through a wide layer reads its weights, little else
+
+
+def thin_matmul_gb_s(device: torch.device) -> dict[str, float]:
+    """Bandwidth of matmuls that stream a weight through a few rows (a small batch through a wide
+    Linear, forward and backward, fp32): `mm` and `addmm` in the bytes the time model counts. A matmul
+    is then bound by the slower of its FLOPs at the measured rate and its bytes at this bandwidth."""
+    rows, k, n = THIN_LINEAR
+    layer = nn.Linear(k, n).to(device)
+    x = torch.randn(rows, k, device=device, requires_grad=True)
+
+    def step() -> None:
+        layer(x).backward(torch.ones(rows, n, device=device))
+
+    for _ in range(3):
+        step()
+    recording = _recorded(device, step, MIN_SECONDS)
+    moved = recording.totals(3)
+    return {n: moved[n] / recording.seconds[n] / 1e9 for n in ("mm", "addmm") if moved.get(n) and recording.seconds.get(n)}
 
 
 def optimizer_gb_s(device: torch.device) -> float:
@@ -217,29 +264,57 @@ def _steady_allocator(device: torch.device) -> None:
             torch.empty(size // 4).fill_(0)
 
 
-def calibrate(device: str, base: GpuPreset, name: str) -> GpuPreset:
-    """Measure `device` and return `base` renamed `name` with the measured calibration."""
+def _medians(rounds: list[Any]) -> Any:
+    """The rounds' figures, each the median of its measurements (the structure of one round; a
+    table's rows keep their FLOPs, an operator measured in some rounds only is kept from those).
+    Other work on the machine slows the rounds it overlaps, not the median of three."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for r in rounds for k in r)
+        return {k: _medians([r[k] for r in rounds if k in r]) for k in keys}
+    if isinstance(first, list):  # [(FLOPs per call, rate), ...]
+        return [(row[0], statistics.median(r[i][1] for r in rounds)) for i, row in enumerate(first)]
+    return statistics.median(rounds)
+
+
+def _device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MmkitError("calibrate --device cuda: no CUDA device is available here")
+    return dev
+
+
+def measure_round(device: str, base: GpuPreset) -> dict[str, Any]:
+    """One round of every figure a calibration holds (the fields of `Calibration` but its source)."""
+    dev = _device(device)
     precisions = tuple(p for p in base.precisions if p != "fp16" or dev.type == "cuda")
-    what = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     _steady_allocator(dev)
     simple, heavy = elementwise_rates(dev)
     per_op, per_step = step_costs(dev)
     optimizer_op = "_fused_adamw_" if dev.type == "cpu" else "_foreach_adamw"
+    return {
+        "matmul_tflops": matmul_rates(dev, precisions), "conv_tflops": conv_rates(dev, precisions),
+        "bandwidth_gb_s": simple, "op_gb_s": heavy | thin_matmul_gb_s(dev) | {optimizer_op: optimizer_gb_s(dev)},
+        "seconds_per_op": per_op, "seconds_per_step": per_step,
+    }
+
+
+def calibrated(device: str, base: GpuPreset, name: str, rounds: list[dict[str, Any]]) -> GpuPreset:
+    """`base` renamed `name`, with the calibration the median of `rounds` (`measure_round`'s)."""
+    dev = _device(device)
+    what = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     calibration = Calibration(
         source=f"mmkit calibrate on {what}, torch {torch.__version__}, {datetime.date.today().isoformat()}",
-        matmul_tflops=matmul_rates(dev, precisions),  # type: ignore[arg-type]
-        conv_tflops=conv_rates(dev, precisions),  # type: ignore[arg-type]
-        bandwidth_gb_s=simple,
-        op_gb_s=heavy | {optimizer_op: optimizer_gb_s(dev)},
-        seconds_per_op=per_op,
-        seconds_per_step=per_step,
+        **_medians(rounds),
     )
     return base.model_copy(update={"name": name, "display_name": f"{base.display_name}, calibrated here",
                                    "calibration": calibration})
+
+
+def calibrate(device: str, base: GpuPreset, name: str) -> GpuPreset:
+    """Measure `device` (ROUNDS rounds) and return `base` renamed `name` with the measured calibration."""
+    return calibrated(device, base, name, [measure_round(device, base) for _ in range(ROUNDS)])
 
 
 def _toml_value(value: Any) -> str:

@@ -4,20 +4,22 @@ Everything runs on the meta device: the model is built without allocating a sing
 forward and backward passes run on shape-only tensors, so counting a 150M-parameter model costs
 a fraction of a second and almost no memory.
 
-FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts the ops that dominate
-cost — matrix products, convolutions, attention — at 2 FLOPs per multiply-accumulate, and ignores
-elementwise ops (activations, norms, residual adds). MACs are therefore exactly FLOPs / 2.
+FLOPs come from torch's FLOP formulas (`torch.utils.flop_counter`, counted as its `FlopCounterMode`
+counts them, plus the CPU's attention kernels), which count the ops that dominate cost — matrix
+products, convolutions, attention — at 2 FLOPs per multiply-accumulate, and ignore elementwise ops
+(activations, norms, residual adds). MACs are therefore exactly FLOPs / 2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.modules.module import register_module_forward_hook
 
 from mmkit.errors import MmkitError
 from mmkit.models.module import FactoryConfig, InputDecl, ModuleModel, output_leaves
@@ -30,6 +32,7 @@ from mmkit.models.registry import (
     resolve_config,
 )
 from mmkit.models.spec import complete_factory_config, is_factory
+from mmkit.plan.tracker import FlopCounter
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -98,7 +101,7 @@ class CountReport:
             "config": self.config,
             "method": {
                 "params": "exact (counted on the meta device)",
-                "flops": "exact for matmul, convolution and attention (torch FlopCounterMode); "
+                "flops": "exact for matmul, convolution and attention (torch's FLOP formulas); "
                 "elementwise ops not counted; 1 MAC = 2 FLOPs",
             },
         }
@@ -130,32 +133,55 @@ def _backward_target(output: Any) -> torch.Tensor | None:
     return torch.stack([t.float().sum() for t in tensors]).sum() if tensors else None
 
 
-def count_flops(model: MultimodalModel, batch_size: int) -> FlopCount:
-    """FLOPs of one forward and one forward + backward pass, on the model's (meta) device."""
+def count_flops(model: MultimodalModel, batch_size: int,
+                forward_hook: Callable[[nn.Module, tuple[Any, ...], Any], None] | None = None) -> FlopCount:
+    """FLOPs of one forward and one forward + backward pass, on the model's (meta) device.
+    `forward_hook(module, inputs, output)` is called after each module's forward in the forward pass
+    (not in backward's recomputation under activation checkpointing)."""
     inputs = model.example_inputs(batch_size)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     with counter:
-        output = model(**inputs)
-        forward = counter.get_total_flops()
+        handle = register_module_forward_hook(forward_hook) if forward_hook is not None else None
+        try:
+            output = model(**inputs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        forward = counter.total
         target = _backward_target(output) if any(p.requires_grad for p in model.parameters()) else None
         if target is not None:
             target.backward()
-        total = counter.get_total_flops()
+        total = counter.total
     model.zero_grad(set_to_none=True)
     return FlopCount(batch_size=batch_size, forward_flops=forward, train_flops=total)
 
 
-def config_flops(entry: ModelEntry, config: ModelConfig) -> FlopCount:
-    """`count_flops` at batch 1 of `entry` built with `config` in training mode (meta device, cached)."""
-    from mmkit.cache import cached, model_key
+# config_flops' answers in this process, by model key: a count made along with another meta pass (the
+# CPU probe's layer shapes) is reused here even when the simulation cache is bypassed
+_COUNTED: dict[str, FlopCount | None] = {}
 
-    def count() -> FlopCount:
+
+def _memo_key(entry: ModelEntry, config: ModelConfig) -> str:
+    from mmkit.cache import model_key
+
+    return json.dumps(model_key(entry, config), sort_keys=True, default=str)
+
+
+def config_flops(entry: ModelEntry, config: ModelConfig,
+                 forward_hook: Callable[[nn.Module, tuple[Any, ...], Any], None] | None = None) -> FlopCount:
+    """`count_flops` at batch 1 of `entry` built with `config` in training mode (meta device, cached).
+    With `forward_hook` the count always runs (the hook sees its forward pass) and is remembered."""
+    from mmkit.cache import lookup, model_key, store
+
+    memo, key = _memo_key(entry, config), model_key(entry, config)
+    if forward_hook is None and memo not in _COUNTED:
+        _COUNTED[memo] = lookup("flops", key, decode=lambda v: FlopCount(*map(int, v)))  # type: ignore[assignment]
+    if forward_hook is not None or _COUNTED.get(memo) is None:
         with torch.device("meta"):
             model = build_model(entry, config)
-        return count_flops(model.train(), 1)
-
-    return cached("flops", model_key(entry, config), count, encode=lambda f: [f.batch_size, f.forward_flops,
-                  f.train_flops], decode=lambda v: FlopCount(*map(int, v)))
+        flops = _COUNTED[memo] = count_flops(model.train(), 1, forward_hook)
+        store("flops", key, [flops.batch_size, flops.forward_flops, flops.train_flops])
+    return _COUNTED[memo]
 
 
 def count_model(

@@ -19,7 +19,7 @@ from mmkit.plan.memory import (
     measure_training_steps,
 )
 from mmkit.plan.timemodel import device_rates, predict_step
-from mmkit.plan.timing import TimeEstimate, estimate_time
+from mmkit.plan.timing import TimeEstimate, predicted_time
 from mmkit.settings import GpuPreset
 
 if TYPE_CHECKING:
@@ -199,12 +199,8 @@ def plan_memory(
     val_samples = -(-val_samples // nproc)
     memory = fit.chosen.train
     if memory is not None:
-        moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
-        time_estimate = estimate_time(
-            gpu, precision, fit.batch_size, flops.train_flops, flops.forward_flops, moved,
-            train_samples, val_samples, epochs, ops_per_step=memory.ops,
-            step_model=predict_step(memory.costs, device_rates(gpu)).as_dict(),
-        )
+        time_estimate = predicted_time(gpu, precision, fit.batch_size,
+                                       predict_step(memory.costs, device_rates(gpu)).as_dict(), flops.forward_flops, train_samples, val_samples, epochs)
 
     measured = None
     if measure:

@@ -9,7 +9,7 @@ shape: the model is run once on the meta device with hooks that record its linea
 layers and the shapes they see; the few layer shapes that carry most of its FLOPs are built for
 real and timed forward + backward in fp32 and in bf16 autocast, interleaved, for a few
 milliseconds each. Their FLOP-weighted times give the bf16 speed-up, and, scaled by the model's
-whole FLOP count (`FlopCounterMode`, attention included), the time of one training step.
+whole FLOP count (torch's FLOP formulas, attention included), the time of one training step.
 
 What the layer times leave out, and the step time therefore leaves out: elementwise operators
 (norms, activations, softmax), Python dispatch, and data loading. The optimizer step is timed
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from mmkit.atomic import write_json_atomic
-from mmkit.models.registry import ModelConfig, ModelEntry, build_model
+from mmkit.models.registry import ModelConfig, ModelEntry
 
 PROBED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MAX_PROBED = 4  # the layer shapes timed: a model's FLOPs sit in few distinct shapes (its repeated blocks)
@@ -50,7 +50,6 @@ LONG_CALL_SECONDS = 0.3  # a call this long is timed once after its warm-up (slo
 MAX_GROWTH = 16  # the fp32 batch grows (doubling) to at most 16 × the probe batch ...
 GROWTH_GAIN = 0.85  # ... while each doubling makes a sample at least 15 % cheaper ...
 GROWTH_CALL_SECONDS = 0.25  # ... and one call takes less than this
-CAPTURE_BATCH = 2  # the meta forward that records layer shapes (per-sample figures divide by it)
 OPTIMIZER_PROBE_PARAMS = 2**20
 CACHE_FILE = "cpu-probe.json"
 
@@ -161,7 +160,7 @@ def cpu_capability() -> str:
 
 def layer_shapes(entry: ModelEntry, config: ModelConfig) -> tuple[list[LayerShape], int]:
     """The model's linear and convolution calls grouped by shape, largest FLOPs first, and its whole
-    forward FLOPs per sample (FlopCounterMode: attention included). Runs on the meta device (cached)."""
+    forward FLOPs per sample (attention included). Runs on the meta device (cached)."""
     from mmkit.cache import cached, model_key
 
     return cached(
@@ -177,14 +176,13 @@ def _tuples(value: Any) -> Any:
 
 
 def _layer_shapes(entry: ModelEntry, config: ModelConfig) -> tuple[list[LayerShape], int]:
-    from mmkit.plan.count import count_flops
+    from mmkit.plan.count import config_flops
 
-    with torch.device("meta"):
-        model = build_model(entry, config)
     seen: dict[str, LayerShape] = {}
 
     def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+        if (not isinstance(module, PROBED_LAYERS) or not inputs or not isinstance(inputs[0], torch.Tensor)
+                or not isinstance(output, torch.Tensor)):
             return
         shape = _describe(module, tuple(inputs[0].shape[1:]), output)
         if shape is None:
@@ -193,14 +191,7 @@ def _layer_shapes(entry: ModelEntry, config: ModelConfig) -> tuple[list[LayerSha
         seen[shape.key] = shape if known is None else LayerShape(
             shape.kind, shape.args, shape.sample_shape, shape.flops_per_call, known.calls + 1)
 
-    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, PROBED_LAYERS)]
-    try:
-        with torch.no_grad():
-            model(**model.example_inputs(CAPTURE_BATCH, device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
-    flops = count_flops(model, CAPTURE_BATCH).forward_flops // CAPTURE_BATCH
+    flops = config_flops(entry, config, forward_hook=record).forward_flops  # the count's forward, at batch 1
     shapes = sorted(seen.values(), key=lambda s: s.flops_per_call * s.calls, reverse=True)
     return shapes, flops
 

@@ -29,6 +29,10 @@ from mmkit.settings import GpuPreset
 from mmkit.plan.timing import ASSUMED_SECONDS_PER_OP, ASSUMED_UTILIZATION, peak_tflops
 
 DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# Random fills cost per element (the generator's work), not per byte: their bytes are charged as if
+# the tensor were fp32, the dtype calibrate measures them in
+RANDOM_FILLS = {"bernoulli_", "uniform_", "normal_", "exponential_", "random_"}
+ITEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 CONVOLUTIONS = {"convolution", "convolution_backward", "_convolution", "cudnn_convolution", "_slow_conv2d_forward"}
 
 
@@ -103,6 +107,8 @@ def predict_step(costs: Sequence[Sequence], rates: DeviceRates) -> StepTime:
     operators = 0
     for op, dtype, flops, moved, calls in costs:
         operators += calls
+        if op in RANDOM_FILLS:
+            moved = moved * 4 // ITEM_BYTES.get(dtype, 4)
         memory_time = moved / rates.op_bandwidth.get(op, rates.bandwidth)
         if flops > 0:
             per_call = flops / 2 if op == "convolution_backward" else flops  # the table is keyed by a forward's FLOPs

@@ -3,7 +3,9 @@
 This is an estimate and says so: a step takes at least its FLOPs at the preset's peak rate
 divided by an assumed utilization, and at least the bytes it must move at the preset's memory
 bandwidth (a roofline: whichever is slower bounds the step). `mmkit memory-plan --measure`
-replaces it with measured step times on the local device.
+replaces it with measured step times on the local device. Plans now predict the step from its
+simulated operators (mmkit.plan.timemodel) and `predicted_time` turns that step into epochs; the
+whole-step estimate (`estimate_time`) stays for the benchmark's comparison.
 """
 
 from __future__ import annotations
@@ -79,25 +81,48 @@ def estimate_time(
     val_samples: int,
     epochs: int,
     ops_per_step: int = 0,
-    step_model: dict[str, object] | None = None,
 ) -> TimeEstimate:
-    """With `step_model` (a StepTime's as_dict) the step time is that prediction's; otherwise the roofline
-    estimate from whole-step FLOPs, bytes and operators described in the module docstring."""
-    utilization = ASSUMED_UTILIZATION[gpu.device_type]
-    tflops = peak_tflops(gpu, precision)
-    rate = tflops * 1e12 * utilization  # FLOP/s actually sustained
+    """The roofline estimate from whole-step FLOPs, bytes and operators (the module docstring); what
+    plans gave before the operator time model, kept for the benchmark's comparison."""
+    rate = _sustained_rate(gpu, precision)
     compute = batch_size * train_flops_per_sample / rate
     memory = bytes_moved_per_step / (gpu.memory_bandwidth_gb_s * 1e9)
     launches = ops_per_step * ASSUMED_SECONDS_PER_OP[gpu.device_type]
-    step = max(compute, memory, launches)
     bound = max((compute, "compute"), (memory, "memory bandwidth"), (launches, "per-op overhead"))[1]
-    if step_model is not None:
-        step = float(step_model["step_seconds"])  # type: ignore[arg-type]
-        parts: dict[str, float] = step_model["parts"]  # type: ignore[assignment]
-        bound = {"compute": "compute", "memory": "memory bandwidth", "per_op": "per-op overhead"}[max(parts, key=parts.get)]
+    return _per_epoch(gpu, precision, batch_size, max(compute, memory, launches), bound, forward_flops_per_sample,
+                      train_samples, val_samples, epochs, ops_per_step=ops_per_step)
+
+
+def predicted_time(
+    gpu: GpuPreset,
+    precision: str,
+    batch_size: int,
+    step_model: dict[str, object],
+    forward_flops_per_sample: int,
+    train_samples: int,
+    val_samples: int,
+    epochs: int,
+) -> TimeEstimate:
+    """Epoch and run times from a step the operator time model predicted (`StepTime.as_dict()`,
+    mmkit.plan.timemodel)."""
+    parts: dict[str, float] = step_model["parts"]  # type: ignore[assignment]
+    bound = {"compute": "compute", "memory": "memory bandwidth", "per_op": "per-op overhead"}[
+        max(parts, key=lambda part: parts[part])]
+    return _per_epoch(gpu, precision, batch_size, float(step_model["step_seconds"]), bound,  # type: ignore[arg-type]
+                      forward_flops_per_sample, train_samples, val_samples, epochs, step_model=step_model)
+
+
+def _sustained_rate(gpu: GpuPreset, precision: str) -> float:
+    """FLOP/s the preset's peak × the assumed utilization gives."""
+    return peak_tflops(gpu, precision) * 1e12 * ASSUMED_UTILIZATION[gpu.device_type]
+
+
+def _per_epoch(gpu: GpuPreset, precision: str, batch_size: int, step: float, bound: str, forward_flops_per_sample: int,
+               train_samples: int, val_samples: int, epochs: int, ops_per_step: int = 0,
+               step_model: dict[str, object] | None = None) -> TimeEstimate:
+    """`step` seconds per optimizer step, a validation pass at forward FLOPs / the sustained rate."""
     steps = math.ceil(train_samples / batch_size)
-    validation = val_samples * forward_flops_per_sample / rate
-    epoch = steps * step + validation
+    epoch = steps * step + val_samples * forward_flops_per_sample / _sustained_rate(gpu, precision)
     return TimeEstimate(
         step_seconds=step,
         epoch_seconds=epoch,
@@ -106,9 +131,9 @@ def estimate_time(
         epochs=epochs,
         train_samples=train_samples,
         val_samples=val_samples,
-        utilization=utilization,
+        utilization=ASSUMED_UTILIZATION[gpu.device_type],
         bound=bound,
-        tflops=tflops,
+        tflops=peak_tflops(gpu, precision),
         ops_per_step=ops_per_step,
         device_type=gpu.device_type,
         step_model=step_model,

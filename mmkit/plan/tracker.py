@@ -77,7 +77,7 @@ _CPU_ATTENTION = {
 }
 
 
-def _flop_formula(func: torch._ops.OpOverload) -> Callable[..., int] | None:
+def flop_formula(func: torch._ops.OpOverload) -> Callable[..., int] | None:
     """How to count one call's FLOPs (torch's FLOP registry, the CPU's attention), or None: no FLOPs."""
     from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -91,6 +91,32 @@ def _flop_formula(func: torch._ops.OpOverload) -> Callable[..., int] | None:
         return lambda args, kwargs, out: int(sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape,
                                                                       args[3].shape))
     return None
+
+
+class FlopCounter(TorchDispatchMode):
+    """Counts FLOPs as `torch.utils.flop_counter.FlopCounterMode` does (its FLOP registry; the CPU's
+    attention kernels, which it lacks, besides) without its per-module breakdown, whose module hooks
+    cost a quarter of a counted pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self._formulas: dict[torch._ops.OpOverload, Callable[..., int] | None] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func not in self._formulas:
+            self._formulas[func] = flop_formula(func)
+        formula = self._formulas[func]
+        if formula is None and func.namespace != "prim":  # as FlopCounterMode: count what it decomposes to
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if formula is not None:
+            self.total += formula(args, kwargs, out)
+        return out
 
 
 def _tensors(values: Iterable[object]) -> Iterator[torch.Tensor]:
@@ -113,15 +139,13 @@ class OpCosts:
 
     def __init__(self) -> None:
         self.calls: dict[tuple[str, str, int, int], int] = {}
-        self._ops: dict[torch._ops.OpOverload, tuple[str, bool, Callable[..., int] | None] | None] = {}
+        self._ops: dict[torch._ops.OpOverload, tuple[str, bool, Callable[..., int] | None]] = {}
 
     def record(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> None:
-        if func not in self._ops:
-            self._ops[func] = None if func.namespace == "prim" else (
-                func.overloadpacket.__name__, func.is_view, _flop_formula(func))
-        known = self._ops[func]
+        """One call of `func` (not a `prim` metadata query: the tracker leaves those out)."""
+        known = self._ops.get(func)
         if known is None:
-            return
+            known = self._ops[func] = (func.overloadpacket.__name__, func.is_view, flop_formula(func))
         name, is_view, formula = known
         inputs = [*_tensors(args), *_tensors(kwargs.values())]
         outputs = list(_tensors(out if isinstance(out, (list, tuple)) else (out,)))
@@ -179,6 +203,10 @@ class LiveStorageTracker(TorchDispatchMode):
         self._refs[key] = weakref.ref(storage, _freed)
         self.current[category] += nbytes
         self.total += nbytes
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        """After the live total grew: the phase's and the step's peaks, with the categories at the peak."""
         if self.total > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.total
         if self.total > self.peak.peak_bytes:
@@ -197,10 +225,7 @@ class LiveStorageTracker(TorchDispatchMode):
         info.nbytes += delta
         self.current[info.category] += delta
         self.total += delta
-        if self.total > self.phase_peaks.get(self.phase, 0):
-            self.phase_peaks[self.phase] = self.total
-        if self.total > self.peak.peak_bytes:
-            self.peak = PeakSnapshot(self.total, dict(self.current), self.phase)
+        self._note_peak()
 
     def __enter__(self) -> LiveStorageTracker:
         tracker, resize = self, torch.UntypedStorage.resize_
@@ -243,6 +268,8 @@ class LiveStorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         self.ops += 1
+        if func.namespace == "prim":  # a metadata query (prim::device, most of a step's dispatches): no storage
+            return out
         if self.costs is not None:
             self.costs.record(func, args, kwargs or {}, out)
         category = PHASE_CATEGORY.get(self.phase, "other")
