@@ -2,8 +2,10 @@
 
     python -m bench.time_prediction [--quick]
 
-First `mmkit calibrate` measures this CPU (matmul rates, bandwidth, per-operator cost; the preset is
-written to a temporary folder, nothing of the user's is touched). Then, for every registered model
+`mmkit calibrate` measures this CPU (matmul rates, bandwidth, per-operator cost) in rounds and keeps
+each figure's median; here its rounds run between the rounds of real steps, so that calibration and
+measurement see the same machine (other jobs on a shared CPU come and go within a minute, and slow a
+small model's step up to twice). Nothing of the user's is touched. For every registered model
 (its default size and input shapes), two batch sizes and two precisions (fp32, bf16 autocast):
 - predicted: the time model (mmkit.plan.timemodel) over the operators of the simulated step, with
   the calibrated figures;
@@ -31,7 +33,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     import torch
 
     from mmkit.models.registry import build_model, list_models, resolve_config
-    from mmkit.plan.calibrate import calibrate
+    from mmkit.plan.calibrate import calibrated, measure_round
     from mmkit.plan.count import config_flops
     from mmkit.plan.memory import FakeTrainingRig, StepSettings
     from mmkit.plan.timemodel import device_rates, predict_step
@@ -40,8 +42,6 @@ def run(quick: bool = False) -> dict[str, Any]:
     from mmkit.train.step import build_grad_scaler, build_optimizer, training_step
 
     cpu = load_gpu_preset("cpu")
-    local = calibrate("cpu", cpu, "local")  # measured only; no preset file is written
-    rates = device_rates(local)
     batch_sizes = BATCH_SIZES[:1] if quick else BATCH_SIZES
     configs: list[dict[str, Any]] = []
     steps: dict[int, Any] = {}
@@ -56,7 +56,6 @@ def run(quick: bool = False) -> dict[str, Any]:
             labels = torch.arange(b) % model.config.num_classes
             for precision in PRECISIONS:
                 memory = FakeTrainingRig(entry, config, StepSettings(batch_size=b, precision=precision)).training_step(b)
-                predicted = predict_step(memory.costs, rates)
                 moved = 3 * memory.weights + 2 * memory.gradients + 2 * memory.optimizer + 2 * memory.activations
                 old = estimate_time(cpu, precision, b, flops.train_flops, flops.forward_flops, moved, b, 0, 1,
                                     ops_per_step=memory.ops)
@@ -68,17 +67,21 @@ def run(quick: bool = False) -> dict[str, Any]:
 
                 steps[len(configs)] = step
                 configs.append({"model": name, "size": size, "batch_size": b, "precision": precision,
-                                "predicted_seconds": predicted.seconds, "predicted_parts": predicted.parts,
-                                "operators": predicted.operators, "old_estimate_seconds": old.step_seconds,
-                                "times": []})
+                                "costs": memory.costs, "old_estimate_seconds": old.step_seconds, "times": []})
     rounds = 2 if quick else ROUNDS
     for index in steps:  # warm-up round: optimizer state, oneDNN primitives
         steps[index]()
+    calibration_rounds = []
     for r in range(rounds):
+        calibration_rounds.append(measure_round("cpu", cpu))  # `mmkit calibrate`'s rounds, between the steps
         order = list(steps) if r % 2 == 0 else list(reversed(steps))
         for index in order:
             configs[index]["times"].append(timed(steps[index]))
+    local = calibrated("cpu", cpu, "local", calibration_rounds)  # measured only; no preset file is written
+    rates = device_rates(local)
     for row in configs:
+        predicted = predict_step(row.pop("costs"), rates)
+        row.update(predicted_seconds=predicted.seconds, predicted_parts=predicted.parts, operators=predicted.operators)
         row["measured_seconds"] = quartiles(row["times"])
         measured = row["measured_seconds"]["median"]
         row["error"] = (row["predicted_seconds"] - measured) / measured
