@@ -102,6 +102,8 @@ class Calibration(_Strict):
     source: str  # what was measured, where and when
     matmul_tflops: dict[Precision, list[tuple[PositiveFloat, PositiveFloat]]]  # (FLOPs per call, TFLOP/s achieved)
     conv_tflops: dict[Precision, list[tuple[PositiveFloat, PositiveFloat]]] = {}  # the same for convolutions
+    # the same per layout of a matrix product's operands, keyed "PRECISION LAYOUT" ("bf16 nn": neither transposed)
+    matmul_layout_tflops: dict[str, list[tuple[PositiveFloat, PositiveFloat]]] = {}
     bandwidth_gb_s: PositiveFloat  # elementwise operators' bytes read + written per second
     op_gb_s: dict[str, PositiveFloat] = {}  # operators measured on their own (AdamW's step), bytes per second
     seconds_per_op: NonNegativeFloat  # one eager operator in a training step (dispatch, autograd, launch)

@@ -4,12 +4,14 @@ may come out (one line for the user), never another exception, and never slowly 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -79,11 +81,14 @@ preset_documents = st.dictionaries(
 )
 
 
-def with_preset(monkeypatch: pytest.MonkeyPatch, kind: str, content: bytes) -> None:
-    root = Path(tempfile.mkdtemp())
-    (root / kind).mkdir()
-    (root / kind / "fuzz.toml").write_bytes(content)
-    monkeypatch.setenv("MMKIT_PRESET_PATH", str(root))
+@contextlib.contextmanager
+def with_preset(kind: str, content: bytes) -> Iterator[None]:
+    """`content` as the preset `fuzz` of `kind`, in a preset directory removed afterwards."""
+    with tempfile.TemporaryDirectory() as root, pytest.MonkeyPatch.context() as monkeypatch:
+        (Path(root) / kind).mkdir()
+        (Path(root) / kind / "fuzz.toml").write_bytes(content)
+        monkeypatch.setenv("MMKIT_PRESET_PATH", root)
+        yield
 
 
 def load_preset(kind: str) -> None:
@@ -101,8 +106,7 @@ def load_preset(kind: str) -> None:
 @FUZZ
 @given(content=st.binary(max_size=300))
 def test_random_bytes_as_a_preset(kind: str, content: bytes) -> None:
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        with_preset(monkeypatch, kind, content)
+    with with_preset(kind, content):
         load_preset(kind)
 
 
@@ -110,8 +114,7 @@ def test_random_bytes_as_a_preset(kind: str, content: bytes) -> None:
 @FUZZ
 @given(document=preset_documents)
 def test_random_toml_as_a_preset(kind: str, document: dict[str, object]) -> None:
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        with_preset(monkeypatch, kind, toml_document(document).encode("utf-8", "surrogatepass"))
+    with with_preset(kind, toml_document(document).encode("utf-8", "surrogatepass")):
         load_preset(kind)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from mmkit.cli.app import app
@@ -14,6 +16,7 @@ from mmkit.plan import calibrate as calibration
 from mmkit.plan.count import count_flops
 from mmkit.plan.memory import FakeTrainingRig, StepSettings
 from mmkit.plan.timemodel import DeviceRates, predict_step
+from mmkit.plan.tracker import OpCosts
 from mmkit.settings import load_gpu_preset
 
 runner = CliRunner()
@@ -47,6 +50,32 @@ def test_a_random_fill_costs_per_element_whatever_its_dtype() -> None:
     assert add.seconds == pytest.approx(0.002)
 
 
+def test_a_matmul_is_timed_at_the_rate_of_its_operands_layout() -> None:
+    rates = DeviceRates("calibrated: test", {"bf16": ((1.0, 1e10),)}, bandwidth=1e12, seconds_per_op=0.0,
+                        matmul_layouts={"bf16 nn": ((1.0, 1e9),)})
+    fast = predict_step([["mm:nt", "bfloat16", 10**7, 1, 1]], rates)
+    slow = predict_step([["mm:nn", "bfloat16", 10**7, 1, 1]], rates)
+    assert fast.seconds == pytest.approx(1e-3) and slow.seconds == pytest.approx(1e-2)
+    assert rates.matmul_rate("bf16", 10**7, "mm:tn") == 1e10  # no table for the layout: the precision's
+
+
+def test_a_linear_layers_three_products_are_recorded_with_their_layouts() -> None:
+    layer, x = torch.nn.Linear(8, 4, bias=False), torch.randn(3, 8, requires_grad=True)
+    costs = OpCosts()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if func.namespace != "prim":
+                costs.record(func, args, kwargs or {}, out)
+            return out
+
+    with Record():
+        layer(x).backward(torch.randn(3, 4))
+    products = {row[0]: row[2] for row in costs.as_list() if row[0].startswith("mm")}
+    assert products == {"mm:nt": 2 * 3 * 8 * 4, "mm:nn": 2 * 3 * 8 * 4, "mm:tn": 2 * 3 * 8 * 4}  # x @ w.t(), g @ w, g.t() @ x
+
+
 def test_the_simulated_operators_carry_the_steps_matmul_flops() -> None:
     entry = get_model_entry("multichannel")
     config = entry.sizes[entry.default_size]
@@ -54,6 +83,9 @@ def test_the_simulated_operators_carry_the_steps_matmul_flops() -> None:
     model = create_model("multichannel")
     assert sum(flops * calls for _, _, flops, _, calls in memory.costs) == count_flops(model.train(), 4).train_flops
     assert all(op != "device" for op, *_ in memory.costs)  # metadata queries are not operators a device runs
+    # clipping runs the multi-tensor kernels of a real CPU step, not the per-parameter loop
+    assert any(op == "_foreach_norm" for op, *_ in memory.costs)
+    assert sum(calls for op, *_, calls in memory.costs if op == "linalg_vector_norm") == 1  # the norm of the norms
 
 
 def test_calibrate_writes_a_preset_that_plans_predict_from(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,6 +100,8 @@ def test_calibrate_writes_a_preset_that_plans_predict_from(monkeypatch: pytest.M
     preset = load_gpu_preset("here")
     assert preset.calibration is not None and preset.calibration.bandwidth_gb_s > 0
     assert preset.calibration.seconds_per_op > 0 and set(preset.calibration.matmul_tflops) == {"fp32", "bf16"}
+    assert set(preset.calibration.matmul_layout_tflops) == {f"{p} {layout}" for p in ("fp32", "bf16")
+                                                             for layout in ("nn", "nt", "tn")}
     assert set(preset.calibration.conv_tflops) == {"fp32", "bf16"} and "_fused_adamw_" in preset.calibration.op_gb_s
     assert "gelu" in preset.calibration.op_gb_s and "native_layer_norm" in preset.calibration.op_gb_s
     assert preset.calibration.model_dump(mode="json") == written["calibration"]
@@ -76,6 +110,21 @@ def test_calibrate_writes_a_preset_that_plans_predict_from(monkeypatch: pytest.M
     assert plan.exit_code == 0, plan.output
     step_model = json.loads(plan.stdout)["time"]["step_model"]
     assert step_model["source"].startswith("calibrated: mmkit calibrate on") and step_model["step_seconds"] > 0
+
+
+def test_a_slow_shape_ends_its_precisions_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a device where a shape is slow, larger ones are not measured: calibrate stays a few seconds."""
+    monkeypatch.setattr(calibration, "MIN_SECONDS", 0.001)
+    monkeypatch.setattr(calibration, "LINEAR_SHAPES", ((8, 16, 16), (16, 32, 32), (32, 64, 64)))
+    monkeypatch.setattr(calibration, "SLOW_CALL_SECONDS", 0.0)
+    tables, layouts = calibration.matmul_rates(torch.device("cpu"), ("fp32",))
+    assert [flops for flops, _ in tables["fp32"]] == [2.0 * 8 * 16 * 16]
+    assert set(layouts) == {"fp32 nn", "fp32 nt", "fp32 tn"} and all(len(rows) == 1 for rows in layouts.values())
+
+
+def test_the_rounds_medians_keep_sizes_measured_in_some_rounds_only() -> None:
+    rounds = [{"t": [(1.0, 5.0), (2.0, 6.0)]}, {"t": [(1.0, 7.0)]}, {"t": [(1.0, 6.0), (2.0, 8.0)]}]
+    assert calibration._medians(rounds) == {"t": [(1.0, 6.0), (2.0, 7.0)]}
 
 
 def test_calibrate_refuses_a_bad_name() -> None:

@@ -52,10 +52,12 @@ def calibrate_cli(
         return
     cal = measured.calibration
     assert cal is not None
-    for kind, table in (("matmul", cal.matmul_tflops), ("convolution", cal.conv_tflops)):
-        for precision, rows in table.items():
+    for kind, table in (("matmul", cal.matmul_tflops), ("convolution", cal.conv_tflops),
+                        ("matmul", cal.matmul_layout_tflops)):
+        for key, rows in table.items():
             rates = ", ".join(f"{tflops * 1000:,.1f} at {flops / 1e6:,.2f} MFLOP" for flops, tflops in rows)
-            console.print(f"{kind} {precision}, forward + backward (GFLOP/s, measured): {rates}")
+            what = "forward + backward" if " " not in key else "one product of that layout"
+            console.print(f"{kind} {key}, {what} (GFLOP/s, measured): {rates}")
     heavy = ", ".join(f"{op} {gb_s:,.1f}" for op, gb_s in sorted(cal.op_gb_s.items()))
     console.print(f"bandwidth (GB/s, measured): simple operators {cal.bandwidth_gb_s:,.1f}; {heavy}")
     console.print(f"one operator in a training step (measured): {cal.seconds_per_op * 1e6:,.1f} µs, "

@@ -5,7 +5,10 @@ rounds one after the other, each figure the median of its rounds (a burst of oth
 machine slows one round, not the result), each as training runs it:
 - matmul throughput per precision: a Linear layer's forward and backward (autocast for bf16/fp16)
   at five shapes (the FLOPs of one call decide which measured shape the time model interpolates
-  from), and the same for a Conv1d at four shapes (convolutions have their own kernels);
+  from), all of it and per layout of the operands (the forward's `x @ w.t()`, the input gradient's
+  `g @ w`, the weight gradient's `g.t() @ x`: a CPU without bf16 instructions runs one of them
+  ten times slower than the others), and the same for a Conv1d at four shapes (convolutions have
+  their own kernels); on a device where a shape is slow, larger ones are not measured;
 - bandwidth, in the bytes the time model counts (inputs read, outputs written): of simple operators
   (add, mul, copies) together, of casts, GELU, layer norm, softmax, batch norm, dropout's random mask
   and their backward each on its own, of matmuls that stream a weight through a few rows (a small
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +47,7 @@ ELEMENTWISE_ELEMENTS = 1 << 22
 OPTIMIZER_PARAMS = 1 << 22
 ROUNDS = 3  # every figure is measured once per round, the rounds one after the other; the median is kept
 MIN_SECONDS = 0.07  # per measured figure and round
+SLOW_CALL_SECONDS = 0.05  # a layer's forward + backward this slow ends its precision's table (see _rate_tables)
 MAX_CALLS = 400
 
 
@@ -69,49 +74,77 @@ def _autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES)
 
 
-def _forward_backward_rate(device: torch.device, precision: str, layer: nn.Module, x: torch.Tensor) -> float:
+def _forward_backward_rates(device: torch.device, precision: str, layer: nn.Module,
+                            x: torch.Tensor) -> tuple[dict[str, float], float]:
     """FLOP/s of `layer`'s forward + backward (input and weight gradients: 3 × the forward's FLOPs):
     the FLOPs of its matmuls or convolutions over the time of those operators alone, timed one by
     one, as the time model charges them (autocast's casts and each operator's dispatch are charged
-    apart, at their bandwidth and the per-operator cost)."""
+    apart, at their bandwidth and the per-operator cost). Keyed "" for all of them, and by the layout
+    of matrix products' operands (`nt`: the forward, `nn`: the input gradient, `tn`: the weight
+    gradient); with the seconds of the first forward + backward."""
     def step() -> None:
         with _autocast(device, precision):
             y = layer(x)
         y.backward(torch.ones_like(y))
 
-    for _ in range(2):
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    if first < SLOW_CALL_SECONDS:  # a second warm-up where it is cheap
         step()
     recording = _recorded(device, step, MIN_SECONDS)
-    flops = {name: n for name, n in recording.totals(2).items() if n}
-    return sum(flops.values()) / sum(recording.seconds[name] for name in flops)
+    totals: dict[str, list[float]] = {}  # key → [FLOPs, seconds]
+    for name, flops in recording.totals(2).items():
+        if flops:
+            for key in {"", name.partition(":")[2]}:
+                total = totals.setdefault(key, [0.0, 0.0])
+                total[0] += flops
+                total[1] += recording.seconds[name]
+    return {key: flops / seconds for key, (flops, seconds) in totals.items()}, first
 
 
-def matmul_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
-    """(FLOPs of one matmul, TFLOP/s) per precision: a Linear layer's forward and backward at
-    LINEAR_SHAPES, as training runs it (autocast for bf16/fp16, transposed operands in backward)."""
-    out: dict[str, list[tuple[float, float]]] = {}
+Table = list[tuple[float, float]]  # (FLOPs of one call, TFLOP/s), by size
+
+
+def _rate_tables(device: torch.device, precisions: tuple[str, ...],
+                 cases: list[tuple[float, Callable[[], tuple[nn.Module, torch.Tensor]]]]) -> tuple[dict[str, Table], dict[str, Table]]:
+    """(FLOPs of one forward call, TFLOP/s) per precision, and per "PRECISION LAYOUT" for matrix
+    products, over `cases` (FLOPs, a builder of the layer and its input) from small to large. A
+    precision stops growing after a forward + backward that took SLOW_CALL_SECONDS: its rate has
+    levelled off, and larger calls on such a slow device would take calibrate minutes."""
+    out: dict[str, Table] = {}
+    layouts: dict[str, Table] = {}
     for precision in precisions:
-        rows = []
-        for m, k, n in LINEAR_SHAPES:
-            layer = nn.Linear(k, n, bias=False).to(device)
-            x = torch.randn(m, k, device=device, requires_grad=True)
-            rows.append((2.0 * m * k * n, _forward_backward_rate(device, precision, layer, x) / 1e12))
-        out[precision] = rows
-    return out
+        for flops, build in cases:
+            layer, x = build()
+            rates, seconds = _forward_backward_rates(device, precision, layer, x)
+            out.setdefault(precision, []).append((flops, rates.pop("") / 1e12))
+            for layout, rate in rates.items():
+                layouts.setdefault(f"{precision} {layout}", []).append((flops, rate / 1e12))
+            if seconds >= SLOW_CALL_SECONDS:
+                break
+    return out, layouts
 
 
-def conv_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
+def matmul_rates(device: torch.device, precisions: tuple[str, ...]) -> tuple[dict[str, Table], dict[str, Table]]:
+    """(FLOPs of one matmul, TFLOP/s) per precision, and per precision and layout of the operands: a
+    Linear layer's forward and backward at LINEAR_SHAPES, as training runs it (autocast for
+    bf16/fp16, transposed operands in backward)."""
+    def case(m: int, k: int, n: int) -> tuple[float, Callable[[], tuple[nn.Module, torch.Tensor]]]:
+        return 2.0 * m * k * n, lambda: (nn.Linear(k, n, bias=False).to(device),
+                                         torch.randn(m, k, device=device, requires_grad=True))
+
+    return _rate_tables(device, precisions, [case(*shape) for shape in LINEAR_SHAPES])
+
+
+def conv_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, Table]:
     """(FLOPs of one convolution's forward, TFLOP/s) per precision: a Conv1d's forward and backward."""
-    out: dict[str, list[tuple[float, float]]] = {}
-    for precision in precisions:
-        rows = []
-        for batch, channels, length, kernel in CONV_SHAPES:
-            layer = nn.Conv1d(channels, channels, kernel, padding=kernel // 2).to(device)
-            x = torch.randn(batch, channels, length, device=device, requires_grad=True)
-            flops = 2.0 * batch * channels * channels * kernel * length
-            rows.append((flops, _forward_backward_rate(device, precision, layer, x) / 1e12))
-        out[precision] = rows
-    return out
+    def case(batch: int, channels: int, length: int, kernel: int) -> tuple[float, Callable[[], tuple[nn.Module, torch.Tensor]]]:
+        return 2.0 * batch * channels * channels * kernel * length, lambda: (
+            nn.Conv1d(channels, channels, kernel, padding=kernel // 2).to(device),
+            torch.randn(batch, channels, length, device=device, requires_grad=True))
+
+    return _rate_tables(device, precisions, [case(*shape) for shape in CONV_SHAPES])[0]
 
 
 GENERIC_OPS = {"add", "mul", "copy_", "clone", "add_", "mul_", "sum", "fill_", "zeros_like", "ones_like"}
@@ -132,9 +165,9 @@ class _Recording(TorchDispatchMode):
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if func.namespace != "prim":
-            name = func.overloadpacket.__name__
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-            self.costs.record(func, args, kwargs or {}, out)
+            elapsed = time.perf_counter() - start
+            name = self.costs.record(func, args, kwargs or {}, out)
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
         return out
 
     def totals(self, column: int) -> dict[str, int]:
@@ -206,8 +239,14 @@ def thin_matmul_gb_s(device: torch.device) -> dict[str, float]:
     for _ in range(3):
         step()
     recording = _recorded(device, step, MIN_SECONDS)
-    moved = recording.totals(3)
-    return {n: moved[n] / recording.seconds[n] / 1e9 for n in ("mm", "addmm") if moved.get(n) and recording.seconds.get(n)}
+    totals: dict[str, list[float]] = {}  # mm or addmm, whatever the layout → [bytes, seconds]
+    for name, moved in recording.totals(3).items():
+        base = name.partition(":")[0]
+        if base in ("mm", "addmm") and moved:
+            total = totals.setdefault(base, [0.0, 0.0])
+            total[0] += moved
+            total[1] += recording.seconds[name]
+    return {base: moved / seconds / 1e9 for base, (moved, seconds) in totals.items() if seconds}
 
 
 def optimizer_gb_s(device: torch.device) -> float:
@@ -272,8 +311,9 @@ def _medians(rounds: list[Any]) -> Any:
     if isinstance(first, dict):
         keys = dict.fromkeys(k for r in rounds for k in r)
         return {k: _medians([r[k] for r in rounds if k in r]) for k in keys}
-    if isinstance(first, list):  # [(FLOPs per call, rate), ...]
-        return [(row[0], statistics.median(r[i][1] for r in rounds)) for i, row in enumerate(first)]
+    if isinstance(first, list):  # [(FLOPs per call, rate), ...]: a size measured in some rounds only, from those
+        sizes = sorted({row[0] for r in rounds for row in r})
+        return [(size, statistics.median(row[1] for r in rounds for row in r if row[0] == size)) for size in sizes]
     return statistics.median(rounds)
 
 
@@ -292,8 +332,9 @@ def measure_round(device: str, base: GpuPreset) -> dict[str, Any]:
     simple, heavy = elementwise_rates(dev)
     per_op, per_step = step_costs(dev)
     optimizer_op = "_fused_adamw_" if dev.type == "cpu" else "_foreach_adamw"
+    matmul, matmul_layouts = matmul_rates(dev, precisions)
     return {
-        "matmul_tflops": matmul_rates(dev, precisions), "conv_tflops": conv_rates(dev, precisions),
+        "matmul_tflops": matmul, "matmul_layout_tflops": matmul_layouts, "conv_tflops": conv_rates(dev, precisions),
         "bandwidth_gb_s": simple, "op_gb_s": heavy | thin_matmul_gb_s(dev) | {optimizer_op: optimizer_gb_s(dev)},
         "seconds_per_op": per_op, "seconds_per_step": per_step,
     }
@@ -329,17 +370,22 @@ def _toml_value(value: Any) -> str:
     return str(value)
 
 
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else a quoted one ("bf16 nn")."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
 def preset_toml(preset: GpuPreset) -> str:
     """The preset as a TOML file the preset loader reads back (top-level keys, then tables)."""
     document = preset.model_dump(mode="json", exclude_none=True, exclude={"name"})
     lines = ["# Written by `mmkit calibrate`: the GPU preset's memory figures and the device's measured speed."]
     tables = {k: v for k, v in document.items() if isinstance(v, dict)}
-    lines += [f"{k} = {_toml_value(v)}" for k, v in document.items() if k not in tables]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in document.items() if k not in tables]
     for table, values in tables.items():
         nested = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in nested]
+        lines += ["", f"[{table}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if k not in nested]
         for sub, sub_values in nested.items():
-            lines += ["", f"[{table}.{sub}]"] + [f"{k} = {_toml_value(v)}" for k, v in sub_values.items()]
+            lines += ["", f"[{table}.{sub}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in sub_values.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -45,14 +45,19 @@ class DeviceRates:
     bandwidth: float  # bytes/s
     seconds_per_op: float
     conv: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)  # as matmul; empty: matmul's
+    # as matmul, for one layout of the operands ("bf16 nn": neither transposed); a layout not here: matmul's
+    matmul_layouts: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
     op_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s of operators measured on their own
     seconds_per_step: float = 0.0  # a step's cost besides its operators
 
     def matmul_rate(self, precision: str, flops: float, op: str = "mm") -> float:
         """FLOP/s of a matmul-like call of `flops` FLOPs (interpolated in log-log between measured sizes);
-        convolutions from their own table where there is one."""
-        tables = self.conv if op in CONVOLUTIONS and self.conv else self.matmul
-        table = tables.get(precision) or tables.get("fp32") or self.matmul["fp32"]
+        convolutions from their own table where there is one, a matrix product with its operands'
+        layout (`mm:nn`) from that layout's where there is one."""
+        base, _, layout = op.partition(":")
+        tables = self.conv if base in CONVOLUTIONS and self.conv else self.matmul
+        table = (self.matmul_layouts.get(f"{precision} {layout}") if layout else None) \
+            or tables.get(precision) or tables.get("fp32") or self.matmul["fp32"]
         sizes = [s for s, _ in table]
         i = bisect.bisect_left(sizes, flops)
         if i == 0:
@@ -76,6 +81,8 @@ def device_rates(gpu: GpuPreset) -> DeviceRates:
             conv={p: tuple((float(s), float(r) * 1e12) for s, r in sorted(rows)) for p, rows in cal.conv_tflops.items()},
             op_bandwidth={op: gb_s * 1e9 for op, gb_s in cal.op_gb_s.items()},
             seconds_per_step=cal.seconds_per_step,
+            matmul_layouts={k: tuple((float(s), float(r) * 1e12) for s, r in sorted(rows))
+                            for k, rows in cal.matmul_layout_tflops.items()},
         )
     utilization = ASSUMED_UTILIZATION[gpu.device_type]
     matmul = {p: ((1.0, peak_tflops(gpu, p) * 1e12 * utilization),) for p in gpu.precisions}
@@ -107,11 +114,12 @@ def predict_step(costs: Sequence[Sequence], rates: DeviceRates) -> StepTime:
     operators = 0
     for op, dtype, flops, moved, calls in costs:
         operators += calls
-        if op in RANDOM_FILLS:
+        base = op.partition(":")[0]  # a matrix product's name carries its layout (mm:nt)
+        if base in RANDOM_FILLS:
             moved = moved * 4 // ITEM_BYTES.get(dtype, 4)
-        memory_time = moved / rates.op_bandwidth.get(op, rates.bandwidth)
+        memory_time = moved / rates.op_bandwidth.get(base, rates.bandwidth)
         if flops > 0:
-            per_call = flops / 2 if op == "convolution_backward" else flops  # the table is keyed by a forward's FLOPs
+            per_call = flops / 2 if base == "convolution_backward" else flops  # the table is keyed by a forward's FLOPs
             compute_time = flops / rates.matmul_rate(DTYPE_PRECISION.get(dtype, "fp32"), per_call, op)
             if compute_time >= memory_time:
                 compute += calls * compute_time

@@ -128,21 +128,34 @@ def _tensors(values: Iterable[object]) -> Iterator[torch.Tensor]:
             yield from (t for t in v if isinstance(t, torch.Tensor))
 
 
+# Matrix products and the positions of their two matrix operands. A product is recorded with the layout
+# of those operands, `mm:nt` for `x @ w.t()` (n: row-major, t: transposed): kernels for one layout can
+# be many times slower than for another (bf16 on a CPU without bf16 instructions, say)
+MATMUL_OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+
+def matmul_layout(a: torch.Tensor, b: torch.Tensor) -> str:
+    """`nn`, `nt`, `tn` or `tt`: whether each operand of a matrix product is stored transposed."""
+    return "".join("t" if t.dim() >= 2 and t.stride(-2) == 1 and t.stride(-1) != 1 else "n" for t in (a, b))
+
+
 class OpCosts:
     """What each operator of a step costs a device: its FLOPs and the bytes it reads and writes.
 
     Metadata queries (`prim::device`) are not operators a device runs and are left out. Calls are
     grouped by (operator, dtype, FLOPs, bytes) with a count, so a step of many repeated layers
-    stays small. A view moves no bytes; every other operator is taken to read its tensor inputs and
-    write its outputs once (what a roofline model of the step needs).
+    stays small; a matrix product's name carries its operands' layout (`mm:nt`, MATMUL_OPERANDS). A
+    view moves no bytes; every other operator is taken to read its tensor inputs and write its
+    outputs once (what a roofline model of the step needs).
     """
 
     def __init__(self) -> None:
         self.calls: dict[tuple[str, str, int, int], int] = {}
         self._ops: dict[torch._ops.OpOverload, tuple[str, bool, Callable[..., int] | None]] = {}
 
-    def record(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> None:
-        """One call of `func` (not a `prim` metadata query: the tracker leaves those out)."""
+    def record(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> str:
+        """One call of `func` (not a `prim` metadata query: the tracker leaves those out); returns the
+        name it is recorded under."""
         known = self._ops.get(func)
         if known is None:
             known = self._ops[func] = (func.overloadpacket.__name__, func.is_view, flop_formula(func))
@@ -154,10 +167,14 @@ class OpCosts:
             is_view = all(t.layout == torch.strided and id(t.untyped_storage()) in sources for t in outputs)
         tensors = [*inputs, *outputs]
         moved = 0 if is_view else sum(t.numel() * t.element_size() for t in tensors)
+        operands = MATMUL_OPERANDS.get(name)
+        if operands is not None and len(args) > operands[1] and all(isinstance(args[i], torch.Tensor) for i in operands):
+            name = f"{name}:{matmul_layout(args[operands[0]], args[operands[1]])}"
         dtype = next((t.dtype for t in tensors if t.dtype.is_floating_point), None)
         key = (name, str(dtype).removeprefix("torch.") if dtype is not None else "other",
                formula(args, kwargs, out) if formula is not None else 0, moved)
         self.calls[key] = self.calls.get(key, 0) + 1
+        return name
 
     def as_list(self) -> list[list]:
         """[[operator, dtype, flops, bytes, calls], ...], largest FLOPs·calls first (JSON-friendly)."""

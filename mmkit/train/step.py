@@ -74,6 +74,17 @@ def compute_loss(
     return loss
 
 
+def _clip_foreach(model: nn.Module) -> bool | None:
+    """Clipping's kernels, named: the multi-tensor ones torch picks itself for a CPU or CUDA model's
+    plain tensors. Named so that the simulated step, whose fake tensors torch would send down the
+    per-parameter loop, runs the kernels a real step runs; None (torch's choice) for sharded
+    parameters (DTensors) and other devices."""
+    from mmkit.train.sharding import is_sharded
+
+    devices = {p.device.type for p in model.parameters()}
+    return True if devices <= {"cpu", "cuda"} and not is_sharded(model) else None
+
+
 def training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -116,8 +127,9 @@ def training_step(
         if grad_clip is not None:
             inner = getattr(model, "module", model)  # inside DistributedDataParallel
             groups = inner.clip_groups() if hasattr(inner, "clip_groups") else None
+            foreach = _clip_foreach(inner)
             for group in groups or [list(model.parameters())]:
-                torch.nn.utils.clip_grad_norm_(group, grad_clip)
+                torch.nn.utils.clip_grad_norm_(group, grad_clip, foreach=foreach)
         if scaler is not None:
             scaler.step(optimizer)  # skips the step when gradients overflowed
             scaler.update()
