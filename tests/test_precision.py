@@ -116,3 +116,26 @@ def test_the_probe_is_measured_once_then_cached(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(probe_module, "cpu_capability", lambda: other)  # another kernel level: measured anew
     calls: list[str] = []
     assert not probe_cpu(entry, config, timer=scripted_timer(2.0, calls)).cached and calls
+
+
+@pytest.mark.parametrize(("bf16_ratio", "bf16_everywhere"), [(0.5, True), (11.7, False)])
+def test_a_cpu_far_slower_in_bf16_times_the_other_layers_in_fp32_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bf16_ratio: float, bf16_everywhere: bool
+) -> None:
+    """Where bf16 loses by far on the dominant layer (one call can take seconds), the other layers are
+    timed in fp32 and their bf16 time taken at that ratio: the choice and the speed-up are the same."""
+    monkeypatch.delenv("MMKIT_CPU_BF16_SPEEDUP")
+    monkeypatch.setenv("MMKIT_CACHE_DIR", str(tmp_path))
+    asked: list[tuple[str, ...]] = []
+
+    def timer(shape: LayerShape, batch: int, precisions: tuple[str, ...]) -> dict[str, float]:
+        asked.append(precisions)
+        return {p: 1e-3 * batch * (bf16_ratio if p == "bf16" else 1.0) for p in precisions}
+
+    entry = get_model_entry("lfm2")
+    _, config = size_config(entry, entry.default_size)
+    probe = probe_cpu(entry, config, timer=timer)
+    with_bf16 = [p for p in asked if "bf16" in p]
+    assert len(probe.timings) > 1 and probe.speedup == pytest.approx(1 / bf16_ratio)
+    assert len(with_bf16) == (len(probe.timings) if bf16_everywhere else 1)
+    assert ("bf16 timed on the largest 1" in probe.describe()) is not bf16_everywhere

@@ -8,7 +8,9 @@ times slower in bf16 than in fp32). So mmkit measures it, once per machine, torc
 shape: the model is run once on the meta device with hooks that record its linear and convolution
 layers and the shapes they see; the few layer shapes that carry most of its FLOPs are built for
 real and timed forward + backward in fp32 and in bf16 autocast, interleaved, for a few
-milliseconds each. Their FLOP-weighted times give the bf16 speed-up, and, scaled by the model's
+milliseconds each (where bf16 is over BF16_SLOWER times slower on the first shape, the others are
+timed in fp32 only and their bf16 time taken at that ratio: on such a CPU one bf16 call of a large
+layer takes seconds). Their FLOP-weighted times give the bf16 speed-up, and, scaled by the model's
 whole FLOP count (torch's FLOP formulas, attention included), the time of one training step.
 
 What the layer times leave out, and the step time therefore leaves out: elementwise operators
@@ -51,6 +53,9 @@ MAX_GROWTH = 16  # the fp32 batch grows (doubling) to at most 16 × the probe ba
 GROWTH_GAIN = 0.85  # ... while each doubling makes a sample at least 15 % cheaper ...
 GROWTH_CALL_SECONDS = 0.25  # ... and one call takes less than this
 OPTIMIZER_PROBE_PARAMS = 2**20
+# bf16 this many times slower than fp32 on the dominant shape (a CPU without bf16 instructions): the other
+# shapes are timed in fp32 only, bf16 taken at that ratio (timing them would cost seconds, not change the choice)
+BF16_SLOWER = 2.0
 CACHE_FILE = "cpu-probe.json"
 
 
@@ -102,6 +107,7 @@ class CpuProbe:
     cached: bool  # every timing came from the cache
     pinned_speedup: float | None = None  # MMKIT_CPU_BF16_SPEEDUP: not measured
     optimizer_seconds_per_param: float = 0.0  # fused AdamW, measured
+    bf16_shapes_timed: int | None = None  # bf16 timed on these first shapes only (BF16_SLOWER); None: on all
 
     @property
     def speedup(self) -> float:
@@ -126,6 +132,7 @@ class CpuProbe:
         shapes = len(self.timings)
         return (f"bf16 autocast ×{self.speedup:.2f} the speed of fp32, measured on {self.machine} "
                 f"({shapes} layer shape{'s' if shapes != 1 else ''}, {self.coverage:.0%} of the model's FLOPs"
+                f"{'' if self.bf16_shapes_timed is None else f'; bf16 timed on the largest {self.bf16_shapes_timed}'}"
                 f"{', cached' if self.cached else ''})")
 
     def as_dict(self) -> dict[str, Any]:
@@ -250,12 +257,14 @@ def time_layer(shape: LayerShape, batch: int, precisions: tuple[str, ...] = ("fp
         y.float().sum().backward()
         return time.perf_counter() - start
 
-    warm_up = max(once(precision) for precision in precisions)  # oneDNN builds its kernels on the first call
-    rounds: dict[str, list[float]] = {precision: [] for precision in precisions}
-    for _ in range(ROUNDS if warm_up < LONG_CALL_SECONDS else 1):  # a long call is its own average
-        for precision in precisions:
+    warm_up = {precision: once(precision) for precision in precisions}  # oneDNN builds its kernels on the first call
+    # a long call is its own average, its first call included (building the kernels is a small part of it)
+    long = {precision: seconds for precision, seconds in warm_up.items() if seconds >= LONG_CALL_SECONDS}
+    rounds: dict[str, list[float]] = {precision: [] for precision in precisions if precision not in long}
+    for _ in range(ROUNDS if rounds else 0):
+        for precision in rounds:
             rounds[precision].append(once(precision))
-    return {name: statistics.median(values) for name, values in rounds.items()}
+    return long | {name: statistics.median(values) for name, values in rounds.items()}
 
 
 def fp32_per_sample(shape: LayerShape, batch: int, seconds: float, timer: Timer) -> float:
@@ -341,15 +350,24 @@ def probe_cpu(entry: ModelEntry, config: ModelConfig, *, timer: Timer | None = N
     cache = _Cache(settings.cache_path / CACHE_FILE, machine)
     shapes, forward_flops = layer_shapes(entry, config)
     timed, all_cached = [], True
+    slower: float | None = None  # bf16 time / fp32 time of the first shape, when over BF16_SLOWER
+    bf16_timed = 0
     for shape in dominant(shapes):
         batch = probe_batch(shape)
         key = f"{shape.key}#b{batch}"
         entry = cache.get(key)
         if not (isinstance(entry, dict) and {"fp32", "bf16", "fp32_per_sample"} <= set(entry)):
-            seconds = timer(shape, batch, ("fp32", "bf16"))
+            if slower is None:
+                seconds = timer(shape, batch, ("fp32", "bf16"))
+            else:  # bf16 lost by far on the dominant shape: the others are timed in fp32 and taken at its ratio
+                fp32 = timer(shape, batch, ("fp32",))["fp32"]
+                seconds = {"fp32": fp32, "bf16": fp32 * slower, "bf16_at_ratio": slower}
             entry = {**seconds, "fp32_per_sample": fp32_per_sample(shape, batch, seconds["fp32"], timer)}
             all_cached = False
             cache.put(key, entry)
+        if not timed and entry["bf16"] > BF16_SLOWER * entry["fp32"]:
+            slower = entry["bf16"] / entry["fp32"]
+        bf16_timed += "bf16_at_ratio" not in entry
         timed.append(LayerTiming(shape, batch, {k: float(entry[k]) for k in ("fp32", "bf16")},
                                  float(entry["fp32_per_sample"])))
     optimizer = cache.get("optimizer.adamw")
@@ -361,6 +379,7 @@ def probe_cpu(entry: ModelEntry, config: ModelConfig, *, timer: Timer | None = N
     return CpuProbe(
         machine=machine, timings=timed, coverage=min(covered / forward_flops, 1.0) if forward_flops else 1.0,
         cached=all_cached, pinned_speedup=settings.cpu_bf16_speedup, optimizer_seconds_per_param=optimizer,
+        bf16_shapes_timed=bf16_timed if bf16_timed < len(timed) else None,
     )
 
 
