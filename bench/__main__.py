@@ -80,7 +80,12 @@ def to_markdown(report: dict[str, Any]) -> str:
     how = (f"`python -m bench{' --quick' if report['quick'] else ''}`" if len(runs) == 1 and not runs[0]["only"] else
            f"{len(runs)} runs of `python -m bench` (parts re-measured with `--only`: "
            f"{'; '.join(', '.join(r['only']) for r in runs if r['only'])})")
-    lines = [f"Measured by {how} on {machine_line(first['machine'])}. "
+    machines: dict[str, list[str]] = {}  # parts re-measured later may have run on another machine
+    for name, part in parts.items():
+        machines.setdefault(machine_line(part["machine"]), []).append(name)
+    where = (f" on {machine_line(first['machine'])}" if len(machines) == 1 else
+             ": " + "; ".join(f"{', '.join(names)} on {line}" for line, names in machines.items()))
+    lines = [f"Measured by {how}{where}. "
              f"Time of the parts, summed: {report['total_seconds'] / 60:.1f} min.", ""]
     if report.get("threads"):
         lines[0] += f" torch threads set to {report['threads']} (`--threads`)."
