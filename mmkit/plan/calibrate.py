@@ -28,7 +28,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmkit.errors import MmkitError
-from mmkit.plan.tracker import OpCosts
+from mmkit.plan.tracker import OpCosts, split_layout
 from mmkit.settings import Calibration, GpuPreset
 from mmkit.train.step import AMP_DTYPES, build_optimizer, training_step
 
@@ -93,14 +93,7 @@ def _forward_backward_rates(device: torch.device, precision: str, layer: nn.Modu
     if first < SLOW_CALL_SECONDS:  # a second warm-up where it is cheap
         step()
     recording = _recorded(device, step, MIN_SECONDS)
-    totals: dict[str, list[float]] = {}  # key → [FLOPs, seconds]
-    for name, flops in recording.totals(2).items():
-        if flops:
-            for key in {"", name.partition(":")[2]}:
-                total = totals.setdefault(key, [0.0, 0.0])
-                total[0] += flops
-                total[1] += recording.seconds[name]
-    return {key: flops / seconds for key, (flops, seconds) in totals.items()}, first
+    return recording.rates(2, lambda name: {"", split_layout(name)[1]}), first
 
 
 Table = list[tuple[float, float]]  # (FLOPs of one call, TFLOP/s), by size
@@ -170,12 +163,20 @@ class _Recording(TorchDispatchMode):
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
         return out
 
-    def totals(self, column: int) -> dict[str, int]:
-        """A column of the recorded costs (2: FLOPs, 3: bytes) summed over calls, by operator."""
-        out: dict[str, int] = {}
+    def rates(self, column: int, keys: Callable[[str], Iterable[str]]) -> dict[str, float]:
+        """A column of the recorded costs (2: FLOPs, 3: bytes) per second of the operators that have
+        any, summed over the operators `keys(name)` puts under each key (none: left out)."""
+        amounts: dict[str, float] = {}  # operator → amount over its calls
         for row in self.costs.as_list():
-            out[row[0]] = out.get(row[0], 0) + row[column] * row[4]
-        return out
+            amounts[row[0]] = amounts.get(row[0], 0) + row[column] * row[4]
+        totals: dict[str, list[float]] = {}  # key → [amount, seconds]
+        for name, amount in amounts.items():
+            if amount:
+                for key in keys(name):
+                    total = totals.setdefault(key, [0.0, 0.0])
+                    total[0] += amount
+                    total[1] += self.seconds[name]
+        return {key: amount / seconds for key, (amount, seconds) in totals.items() if seconds > 0}
 
 
 def _recorded(device: torch.device, step: Callable[[], None], seconds: float) -> _Recording:
@@ -215,11 +216,9 @@ def elementwise_rates(device: torch.device) -> tuple[float, dict[str, float]]:
     while time.perf_counter() - start < 8 * MIN_SECONDS:  # warm-up: the heap grows to the working set once
         step()
     recording = _recorded(device, step, 6 * MIN_SECONDS)
-    moved, seconds = recording.totals(3), recording.seconds
-    generic = [n for n in moved if n in GENERIC_OPS and moved[n]]
-    simple = sum(moved[n] for n in generic) / sum(seconds[n] for n in generic) / 1e9
-    heavy = {n: moved[n] / seconds[n] / 1e9 for n in moved if n not in GENERIC_OPS and moved[n] and seconds[n] > 0}
-    return simple, heavy
+    simple = recording.rates(3, lambda name: {"simple"} if name in GENERIC_OPS else set())["simple"] / 1e9
+    heavy = recording.rates(3, lambda name: set() if name in GENERIC_OPS else {name})
+    return simple, {name: rate / 1e9 for name, rate in heavy.items()}
 
 
 THIN_LINEAR = (4, 1024, 1024)  # rows, in, out: a small batch through a wide layer reads its weights, little else
@@ -239,14 +238,8 @@ def thin_matmul_gb_s(device: torch.device) -> dict[str, float]:
     for _ in range(3):
         step()
     recording = _recorded(device, step, MIN_SECONDS)
-    totals: dict[str, list[float]] = {}  # mm or addmm, whatever the layout → [bytes, seconds]
-    for name, moved in recording.totals(3).items():
-        base = name.partition(":")[0]
-        if base in ("mm", "addmm") and moved:
-            total = totals.setdefault(base, [0.0, 0.0])
-            total[0] += moved
-            total[1] += recording.seconds[name]
-    return {base: moved / seconds / 1e9 for base, (moved, seconds) in totals.items() if seconds}
+    by_operator = recording.rates(3, lambda name: {split_layout(name)[0]} & {"mm", "addmm"})  # whatever the layout
+    return {op: rate / 1e9 for op, rate in by_operator.items()}
 
 
 def optimizer_gb_s(device: torch.device) -> float:

@@ -83,6 +83,13 @@ class StepSettings:
     shards: int = 1  # FSDP: one rank's step of this many (1: the whole model on one device)
     fsdp_wrap: tuple[str, ...] | None = None  # FSDP's units (`--set fsdp.wrap`; None: the model's blocks)
 
+    @property
+    def clip_foreach(self) -> bool | None:
+        """Clipping's kernels in the simulated step: the multi-tensor ones torch picks for a real CPU or
+        CUDA step's plain tensors (it sends fake tensors down the per-parameter loop); torch's choice for
+        sharded parameters (DTensors), as in a real FSDP step."""
+        return True if self.shards == 1 else None
+
 
 def with_gradient_checkpointing(entry: ModelEntry, config: ModelConfig, enabled: bool) -> ModelConfig:
     if not enabled:
@@ -217,6 +224,7 @@ class FakeTrainingRig:
                         model, self.optimizer, inputs, labels,
                         precision=self.step.precision, scaler=self.scaler, grad_clip=self.step.grad_clip,
                         contrastive_weight=self.step.contrastive_weight, on_phase=tracker.set_phase,
+                        clip_foreach=self.step.clip_foreach,
                     )
             finally:
                 for handle in handles:
@@ -468,7 +476,7 @@ def memtracker_training_peak(entry: ModelEntry, config: ModelConfig, step: StepS
             labels = _labels(rig.model, step.batch_size, torch.device("cpu"))
             training_step(
                 rig.model, rig.optimizer, inputs, labels, precision=step.precision, scaler=rig.scaler,
-                grad_clip=step.grad_clip, contrastive_weight=step.contrastive_weight,
+                grad_clip=step.grad_clip, contrastive_weight=step.contrastive_weight, clip_foreach=step.clip_foreach,
             )
     snapshot = tracker.get_tracker_snapshot("peak")
     return sum(device_snapshot["Total"] for device_snapshot in snapshot.values())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from mmkit.settings import GpuPreset
 from mmkit.plan.timing import ASSUMED_SECONDS_PER_OP, ASSUMED_UTILIZATION, peak_tflops
+from mmkit.plan.tracker import split_layout
 
 DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Random fills cost per element (the generator's work), not per byte: their bytes are charged as if
@@ -54,7 +55,7 @@ class DeviceRates:
         """FLOP/s of a matmul-like call of `flops` FLOPs (interpolated in log-log between measured sizes);
         convolutions from their own table where there is one, a matrix product with its operands'
         layout (`mm:nn`) from that layout's where there is one."""
-        base, _, layout = op.partition(":")
+        base, layout = split_layout(op)
         tables = self.conv if base in CONVOLUTIONS and self.conv else self.matmul
         table = (self.matmul_layouts.get(f"{precision} {layout}") if layout else None) \
             or tables.get(precision) or tables.get("fp32") or self.matmul["fp32"]
@@ -114,7 +115,7 @@ def predict_step(costs: Sequence[Sequence], rates: DeviceRates) -> StepTime:
     operators = 0
     for op, dtype, flops, moved, calls in costs:
         operators += calls
-        base = op.partition(":")[0]  # a matrix product's name carries its layout (mm:nt)
+        base = split_layout(op)[0]  # a matrix product's name carries its layout (mm:nt)
         if base in RANDOM_FILLS:
             moved = moved * 4 // ITEM_BYTES.get(dtype, 4)
         memory_time = moved / rates.op_bandwidth.get(base, rates.bandwidth)

@@ -134,6 +134,12 @@ def _tensors(values: Iterable[object]) -> Iterator[torch.Tensor]:
 MATMUL_OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
 
 
+def split_layout(op: str) -> tuple[str, str]:
+    """A recorded operator's name as (operator, layout): `mm:nt` → (`mm`, `nt`); others' layout is ""."""
+    base, _, layout = op.partition(":")
+    return base, layout
+
+
 def matmul_layout(a: torch.Tensor, b: torch.Tensor) -> str:
     """`nn`, `nt`, `tn` or `tt`: whether each operand of a matrix product is stored transposed."""
     return "".join("t" if t.dim() >= 2 and t.stride(-2) == 1 and t.stride(-1) != 1 else "n" for t in (a, b))

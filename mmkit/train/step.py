@@ -74,17 +74,6 @@ def compute_loss(
     return loss
 
 
-def _clip_foreach(model: nn.Module) -> bool | None:
-    """Clipping's kernels, named: the multi-tensor ones torch picks itself for a CPU or CUDA model's
-    plain tensors. Named so that the simulated step, whose fake tensors torch would send down the
-    per-parameter loop, runs the kernels a real step runs; None (torch's choice) for sharded
-    parameters (DTensors) and other devices."""
-    from mmkit.train.sharding import is_sharded
-
-    devices = {p.device.type for p in model.parameters()}
-    return True if devices <= {"cpu", "cuda"} and not is_sharded(model) else None
-
-
 def training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -100,13 +89,15 @@ def training_step(
     step_optimizer: bool = True,
     on_phase: Phase = _no_phase,
     forward_loss: ForwardLoss | None = None,
+    clip_foreach: bool | None = None,
 ) -> torch.Tensor:
     """Forward, loss, backward and (when `step_optimizer`) clip + step + zero_grad.
 
     `loss_scale` divides the loss for gradient accumulation (1 / accumulation steps); with
     `step_optimizer=False` gradients accumulate and the optimizer is left alone. `forward_loss`
     replaces the forward pass and `compute_loss` (continual learning brings its own).
-    Returns the (unscaled, detached) loss.
+    `clip_foreach` is clipping's `foreach` (None: torch's choice, the multi-tensor kernels for a CPU or
+    CUDA model's plain tensors). Returns the (unscaled, detached) loss.
     """
     device_type = labels.device.type
     on_phase("forward")
@@ -127,9 +118,8 @@ def training_step(
         if grad_clip is not None:
             inner = getattr(model, "module", model)  # inside DistributedDataParallel
             groups = inner.clip_groups() if hasattr(inner, "clip_groups") else None
-            foreach = _clip_foreach(inner)
             for group in groups or [list(model.parameters())]:
-                torch.nn.utils.clip_grad_norm_(group, grad_clip, foreach=foreach)
+                torch.nn.utils.clip_grad_norm_(group, grad_clip, foreach=clip_foreach)
         if scaler is not None:
             scaler.step(optimizer)  # skips the step when gradients overflowed
             scaler.update()
