@@ -101,3 +101,25 @@ def test_named_sizes_keep_their_names_on_the_ladder() -> None:
 @pytest.mark.parametrize("gpu", ["rtx3050", "gtx1650"])
 def test_lfm2_fit_is_maximal_on_real_presets(gpu: str) -> None:
     assert_maximal("lfm2", load_gpu_preset(gpu), 2, 64, precision="fp16")
+
+
+
+@pytest.mark.parametrize(("model", "gpu"), [("multichannel", 0), ("clip", 1)])
+def test_two_points_predict_the_answer_moment_by_moment(model: str, gpu: int, small_gpus: list[GpuPreset]) -> None:
+    # the live total after each allocation is a line in the batch size: batch 2 and the cap predict the
+    # largest batch that fits, and one more round (it and the next) confirms it
+    result = fit_to_budget(get_model_entry(model), small_gpus[gpu], size="default", max_batch_size=4096)
+    assert 2 < result.batch_size < 4096
+    simulated = sorted(c.batch_size for c in result.considered if c.simulated)
+    assert simulated == [2, result.batch_size, result.batch_size + 1, 4096]
+    assert result.chosen.fits and result.next_batch is not None and not result.next_batch.fits
+    highs = [c.train.highs for c in result.considered if c.simulated]
+    assert highs[0] and all(len(h) == len(highs[0]) for h in highs)
+
+
+def test_batch_one_is_simulated_only_where_two_does_not_fit(small_gpus: list[GpuPreset]) -> None:
+    result = fit_to_budget(get_model_entry("multichannel"), small_gpus[1], max_batch_size=4096)
+    simulated = {(c.size, c.batch_size): c.fits for c in result.considered if c.simulated}
+    wider = result.next_width
+    assert wider is not None and simulated[(wider.size, 2)] is False and (wider.size, 1) in simulated
+    assert (result.size, 1) not in simulated and result.batch_size > 2

@@ -2,10 +2,11 @@
 
 `fit_to_budget` walks the family's size ladder from the largest width down. A width whose model
 states alone (fp32 weights + gradients + optimizer state) cannot fit is rejected without
-simulation. For the largest width that fits at the minimum batch, the batch search fits an affine
-model (memory is close to affine in the batch size) through two simulated points, then confirms
-the predicted maximum b by simulating b and b + 1, falling back to bisection when the prediction
-is off. Every reported number is a simulation, never the affine guess.
+simulation. For the largest width that fits at the minimum batch, the batch search simulates batch
+2 and the cap, extrapolates the live total after each allocation of the step (each a line in the
+batch size) to the largest batch b whose step stays within the budget, then confirms b by
+simulating b and b + 1, falling back to bisection when the prediction is off. Every reported
+number is a simulation, never the affine guess.
 
 The run's resolution (mmkit.train.resolve) calls `fit_to_budget` when size or batch is `auto`,
 and always for `memory-plan`, so both answer from the same fit.
@@ -158,8 +159,11 @@ def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
     largest that fits and the smallest that does not), or else its smallest and largest: a wide base,
     since the CUDA allocator's rounding makes nearby batches a poor slope.
 
-    Each phase of the step (forward, backward, optimizer) has its own peak, affine in the batch
-    size; the step's peak is their maximum, so each phase is extrapolated on its own.
+    Two steps of one model at batch sizes from 2 up allocate in the same sequence, and the live
+    total after each allocation is affine in the batch size (up to the allocator's rounding): the
+    step's peak is the largest of these lines, so each moment is extrapolated on its own. Where the
+    sequences differ (batch 1: a transpose of a dimension of size 1 needs no copy), each phase's
+    peak (forward, backward, optimizer) is extrapolated instead.
     """
     points = sorted(
         (b, c.train, c.fits) for (s, b), c in evaluate.cache.items() if s == size and c.train is not None
@@ -175,14 +179,13 @@ def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
     reserve = evaluate.gpu.overhead.allocator_reserve_fraction
     fixed = sum(evaluate.gpu.overhead_bytes(0).values()) + sum(evaluate.extra_overhead(size).values())
     peak_budget = (evaluate.budget - fixed) / (1 + reserve)  # total = peak·(1 + reserve) + fixed
-    limits = []
-    for phase, p2 in m2.phase_peaks.items():
-        p1 = m1.phase_peaks.get(phase)
-        if p1 is None:
-            continue
-        slope = (p2 - p1) / (b2 - b1)
-        if slope > 0:
-            limits.append(b2 + math.floor((peak_budget - p2) / slope))
+    if m1.highs and len(m1.highs) == len(m2.highs):  # the same step, moment by moment
+        pairs = zip(m1.highs, m2.highs, strict=True)
+    else:  # another sequence of allocations: phase by phase
+        pairs = ((p1, m2.phase_peaks[phase]) for phase, p1 in m1.phase_peaks.items() if phase in m2.phase_peaks)
+    limits = [
+        b2 + math.floor((peak_budget - y2) / slope) for y1, y2 in pairs if (slope := (y2 - y1) / (b2 - b1)) > 0
+    ]
     return max(min(limits), fit_hi) if limits else None
 
 
@@ -258,14 +261,23 @@ def fit_to_budget(
     low = min_batch_size if auto_batch else int(batch_size)
     cap = max_batch_size if auto_batch else int(batch_size)
 
-    chosen_index, chosen_batch = None, low
-    best: tuple[int, int] | None = None  # (batch, index) for prefer=batch
-    for index, (name, config) in enumerate(sizes):
+    # batch 1 is no point of the line the other batches lie on (a transpose of a dimension of size 1
+    # needs no copy, so its step allocates in another sequence): the search starts from 2, and
+    # simulates batch 1 only where 2 does not fit (memory grows with the batch)
+    first = low if low > 1 or cap < 2 or not auto_batch else 2
+
+    def fits_at_low(name: str, config: ModelConfig) -> bool:
         # the second batch is speculative: the cap, which ends the search if it fits and otherwise
         # brackets the answer, so that the affine model interpolates rather than extrapolates
-        probes = [low, cap] if auto_batch and cap > low else [low]
-        if not evaluate.many(name, config, probes)[0].fits:
+        probes = [first, cap] if cap > first else [first]
+        return evaluate.many(name, config, probes)[0].fits or (first > low and evaluate(name, config, low).fits)
+
+    chosen_index, chosen_batch, fits = None, low, False
+    best: tuple[int, int] | None = None  # (batch, index) for prefer=batch
+    for index, (name, config) in enumerate(sizes):
+        if not fits_at_low(name, config):
             continue
+        fits = True
         if prefer == "width" or not auto_batch:
             chosen_index = index
             break
@@ -279,7 +291,6 @@ def fit_to_budget(
     if chosen_index is None:
         chosen_index = len(sizes) - 1  # nothing fits: report the smallest candidate
     name, config = sizes[chosen_index]
-    fits = evaluate(name, config, low).fits
     if fits and auto_batch and prefer == "width":
         chosen_batch = _max_batch(evaluate, name, config, low, cap)
     chosen = evaluate(name, config, chosen_batch)

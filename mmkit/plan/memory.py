@@ -37,6 +37,7 @@ from mmkit.cache import cached, lookup, model_key, store
 from mmkit.plan.tracker import (
     CATEGORIES,
     CUDA_ALLOCATION_GRANULE,
+    STEP_PHASES,
     LiveStorageTracker,
     fsdp_gradients_tracked,
     track_model_state,
@@ -63,6 +64,7 @@ class StepMemory:
     peak_phase: str  # forward, backward or optimizer
     phase_peaks: dict[str, int] = field(default_factory=dict)  # the peak within each phase
     ops: int = 0  # operators dispatched in the step
+    highs: list[int] = field(default_factory=list, repr=False)  # live total after each growth (tracker.highs)
     # what each operator costs a device, grouped: [[operator, dtype, flops, bytes, calls], ...] (OpCosts)
     costs: list[list] = field(default_factory=list, repr=False)
 
@@ -325,9 +327,9 @@ def simulate_training_step(entry: ModelEntry, config: ModelConfig, step: StepSet
 
 def _step_memory(tracker: LiveStorageTracker) -> StepMemory:
     peak = tracker.peak
-    phases = {p: b for p, b in tracker.phase_peaks.items() if p in ("forward", "backward", "optimizer")}
+    phases = {p: b for p, b in tracker.phase_peaks.items() if p in STEP_PHASES}
     return StepMemory(**{c: peak.by_category[c] for c in CATEGORIES}, peak_tensors=peak.peak_bytes,
-                      peak_phase=peak.phase, phase_peaks=phases, ops=tracker.ops,
+                      peak_phase=peak.phase, phase_peaks=phases, ops=tracker.ops, highs=tracker.highs,
                       costs=tracker.costs.as_list() if tracker.costs is not None else [])
 
 

@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other", "all_gather")
 PHASE_CATEGORY = {"forward": "activations", "backward": "other", "optimizer": "other", "setup": "other"}
+STEP_PHASES = ("forward", "backward", "optimizer")  # a training step's phases (setup is not one)
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes; tracking for a GPU target
 # rounds each storage up the same way so that small tensors are not undercounted.
@@ -200,6 +201,9 @@ class LiveStorageTracker(TorchDispatchMode):
         self.total = 0
         self.peak = PeakSnapshot(0, dict.fromkeys(CATEGORIES, 0), "setup")
         self.phase_peaks: dict[str, int] = {}  # the peak reached within each phase
+        # the live total after each growth within the step's phases, in order: the same model at
+        # another batch size grows in the same sequence, each value affine in the batch size
+        self.highs: list[int] = []
         self.ops = 0  # operators dispatched: each is at least one kernel launch on a GPU
         self._weight_storages: set[int] = set()
         self.costs: OpCosts | None = OpCosts() if record_costs else None
@@ -230,6 +234,8 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def _note_peak(self) -> None:
         """After the live total grew: the phase's and the step's peaks, with the categories at the peak."""
+        if self.phase in STEP_PHASES:
+            self.highs.append(self.total)
         if self.total > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.total
         if self.total > self.peak.peak_bytes:
