@@ -83,3 +83,23 @@ def test_json_document_has_the_contract_keys() -> None:
 def test_batch_size_must_be_positive() -> None:
     with pytest.raises(ValueError):
         count_model("multichannel", batch_size=0)
+
+
+@pytest.mark.parametrize("model", ["multichannel", "clip"])
+def test_forward_flops_alone_are_the_full_counts_forward(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CPU probe and the validation time count the forward alone; it must be the full count's forward
+    from mmkit.cache import bypassed
+    from mmkit.models import get_model_entry
+    from mmkit.models.registry import size_config
+    from mmkit.plan import count
+
+    entry = get_model_entry(model)
+    _, config = size_config(entry, None)
+    monkeypatch.setattr(count, "_COUNTED", {})
+    monkeypatch.setattr(count, "_FORWARD", {})
+    seen: list[str] = []
+    with bypassed():
+        forward = count.config_forward_flops(entry, config, forward_hook=lambda m, i, o: seen.append(type(m).__name__))
+        full = count.config_flops(entry, config)
+    assert forward == full.forward_flops > 0 and full.train_flops > forward
+    assert "Linear" in seen or "Conv2d" in seen

@@ -133,32 +133,39 @@ def _backward_target(output: Any) -> torch.Tensor | None:
     return torch.stack([t.float().sum() for t in tensors]).sum() if tensors else None
 
 
-def count_flops(model: MultimodalModel, batch_size: int,
-                forward_hook: Callable[[nn.Module, tuple[Any, ...], Any], None] | None = None) -> FlopCount:
-    """FLOPs of one forward and one forward + backward pass, on the model's (meta) device.
-    `forward_hook(module, inputs, output)` is called after each module's forward in the forward pass
-    (not in backward's recomputation under activation checkpointing)."""
+Hook = Callable[[nn.Module, tuple[Any, ...], Any], None]
+
+
+def _counted_forward(model: MultimodalModel, batch_size: int, counter: FlopCounter, forward_hook: Hook | None) -> Any:
+    """The model's forward at `batch_size` with its FLOPs counted, `forward_hook(module, inputs, output)`
+    called after each module's forward (not in backward's recomputation under activation checkpointing)."""
     inputs = model.example_inputs(batch_size)
+    handle = register_module_forward_hook(forward_hook) if forward_hook is not None else None
+    try:
+        with counter:
+            return model(**inputs)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def count_flops(model: MultimodalModel, batch_size: int, forward_hook: Hook | None = None) -> FlopCount:
+    """FLOPs of one forward and one forward + backward pass, on the model's (meta) device."""
     counter = FlopCounter()
+    output = _counted_forward(model, batch_size, counter, forward_hook)
+    forward = counter.total
     with counter:
-        handle = register_module_forward_hook(forward_hook) if forward_hook is not None else None
-        try:
-            output = model(**inputs)
-        finally:
-            if handle is not None:
-                handle.remove()
-        forward = counter.total
         target = _backward_target(output) if any(p.requires_grad for p in model.parameters()) else None
         if target is not None:
             target.backward()
-        total = counter.total
     model.zero_grad(set_to_none=True)
-    return FlopCount(batch_size=batch_size, forward_flops=forward, train_flops=total)
+    return FlopCount(batch_size=batch_size, forward_flops=forward, train_flops=counter.total)
 
 
-# config_flops' answers in this process, by model key: a count made along with another meta pass (the
-# CPU probe's layer shapes) is reused here even when the simulation cache is bypassed
+# counts made in this process, by model key: a count made along with another meta pass (the CPU
+# probe's layer shapes) is reused here even when the simulation cache is bypassed
 _COUNTED: dict[str, FlopCount | None] = {}
+_FORWARD: dict[str, int] = {}
 
 
 def _memo_key(entry: ModelEntry, config: ModelConfig) -> str:
@@ -167,21 +174,45 @@ def _memo_key(entry: ModelEntry, config: ModelConfig) -> str:
     return json.dumps(model_key(entry, config), sort_keys=True, default=str)
 
 
-def config_flops(entry: ModelEntry, config: ModelConfig,
-                 forward_hook: Callable[[nn.Module, tuple[Any, ...], Any], None] | None = None) -> FlopCount:
-    """`count_flops` at batch 1 of `entry` built with `config` in training mode (meta device, cached).
-    With `forward_hook` the count always runs (the hook sees its forward pass) and is remembered."""
+def _meta_model(entry: ModelEntry, config: ModelConfig) -> MultimodalModel:
+    with torch.device("meta"):
+        return build_model(entry, config).train()
+
+
+def config_flops(entry: ModelEntry, config: ModelConfig) -> FlopCount:
+    """`count_flops` at batch 1 of `entry` built with `config` in training mode (meta device, cached)."""
     from mmkit.cache import lookup, model_key, store
 
     memo, key = _memo_key(entry, config), model_key(entry, config)
-    if forward_hook is None and memo not in _COUNTED:
+    if memo not in _COUNTED:
         _COUNTED[memo] = lookup("flops", key, decode=lambda v: FlopCount(*map(int, v)))  # type: ignore[assignment]
-    if forward_hook is not None or _COUNTED.get(memo) is None:
-        with torch.device("meta"):
-            model = build_model(entry, config)
-        flops = _COUNTED[memo] = count_flops(model.train(), 1, forward_hook)
+    if _COUNTED.get(memo) is None:
+        flops = _COUNTED[memo] = count_flops(_meta_model(entry, config), 1)
         store("flops", key, [flops.batch_size, flops.forward_flops, flops.train_flops])
-    return _COUNTED[memo]
+    return _COUNTED[memo]  # type: ignore[return-value]
+
+
+def config_forward_flops(entry: ModelEntry, config: ModelConfig, forward_hook: Hook | None = None) -> int:
+    """FLOPs of one training-mode forward at batch 1 (meta device, cached): `config_flops`' forward
+    without its backward pass, which the CPU probe and the validation time do not need. With
+    `forward_hook` the count always runs (the hook sees its forward pass) and is remembered."""
+    from mmkit.cache import lookup, model_key, store
+
+    memo, key = _memo_key(entry, config), model_key(entry, config)
+    if forward_hook is None:
+        if memo in _FORWARD:
+            return _FORWARD[memo]
+        if (full := _COUNTED.get(memo)) is not None:
+            return full.forward_flops
+        known = lookup("forward-flops", key, decode=int)
+        if known is not None:
+            _FORWARD[memo] = known
+            return known
+    counter = FlopCounter()
+    _counted_forward(_meta_model(entry, config), 1, counter, forward_hook)
+    _FORWARD[memo] = counter.total
+    store("forward-flops", key, counter.total)
+    return counter.total
 
 
 def count_model(

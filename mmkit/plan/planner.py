@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmkit.errors import MmkitError
-from mmkit.plan.count import config_flops
+from mmkit.plan.count import config_forward_flops
 from mmkit.plan.fit import Candidate, FitResult
 from mmkit.plan.memory import (
     FakeTrainingRig,
@@ -194,13 +194,13 @@ def plan_memory(
     inference_overhead = gpu.overhead_bytes(inference_peak)
 
     time_estimate = None
-    flops = config_flops(fit.entry, fit.config)
+    forward_flops = config_forward_flops(fit.entry, fit.config)
     train_samples = max(1, -(-train_samples // nproc))  # this process's share
     val_samples = -(-val_samples // nproc)
     memory = fit.chosen.train
     if memory is not None:
         time_estimate = predicted_time(gpu, precision, fit.batch_size,
-                                       predict_step(memory.costs, device_rates(gpu)).as_dict(), flops.forward_flops, train_samples, val_samples, epochs)
+                                       predict_step(memory.costs, device_rates(gpu)).as_dict(), forward_flops, train_samples, val_samples, epochs)
 
     measured = None
     if measure:

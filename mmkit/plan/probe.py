@@ -183,7 +183,7 @@ def _tuples(value: Any) -> Any:
 
 
 def _layer_shapes(entry: ModelEntry, config: ModelConfig) -> tuple[list[LayerShape], int]:
-    from mmkit.plan.count import config_flops
+    from mmkit.plan.count import config_forward_flops
 
     seen: dict[str, LayerShape] = {}
 
@@ -198,7 +198,7 @@ def _layer_shapes(entry: ModelEntry, config: ModelConfig) -> tuple[list[LayerSha
         seen[shape.key] = shape if known is None else LayerShape(
             shape.kind, shape.args, shape.sample_shape, shape.flops_per_call, known.calls + 1)
 
-    flops = config_flops(entry, config, forward_hook=record).forward_flops  # the count's forward, at batch 1
+    flops = config_forward_flops(entry, config, forward_hook=record)  # at batch 1
     shapes = sorted(seen.values(), key=lambda s: s.flops_per_call * s.calls, reverse=True)
     return shapes, flops
 
