@@ -111,7 +111,7 @@ class MemoryPlan:
             "method": {
                 "train": "simulated: one steady-state training step on fake tensors (CPU kernels), "
                 "live storages tracked; overhead lines from the GPU preset",
-                "time": "estimate (see time.method)",
+                "time": "predicted from the simulated step's operators (see time.method and time.step_model.source)",
                 **({"ddp_gradient_buckets": "estimated, not simulated: DDP's gradient buckets hold one more copy "
                     "of every trainable gradient in the parameters' dtype (fp32), per process"}
                    if self.nproc > 1 and self.strategy == "ddp" else {}),
