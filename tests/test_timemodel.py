@@ -122,6 +122,26 @@ def test_a_slow_shape_ends_its_precisions_table(monkeypatch: pytest.MonkeyPatch)
     assert set(layouts) == {"fp32 nn", "fp32 nt", "fp32 tn"} and all(len(rows) == 1 for rows in layouts.values())
 
 
+def test_each_linear_size_is_measured_on_the_square_layer_and_an_mlps_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At equal FLOPs a kernel can run a narrow weight twice as fast as a wide one (bf16 `g @ w`
+    without bf16 instructions): a size's rate is that of the shapes models have, a square Linear
+    and a transformer MLP's in → 4 × in and back, measured together."""
+    monkeypatch.setattr(calibration, "MIN_SECONDS", 0.001)
+    monkeypatch.setattr(calibration, "LINEAR_SHAPES", ((8, 16, 16), (16, 32, 32)))
+    measured: list[list[tuple[int, int, int]]] = []
+    real = calibration._forward_backward_rates
+
+    def spy(device: torch.device, precision: str, layers: list) -> tuple[dict[str, float], float]:
+        measured.append([(x.shape[0], layer.in_features, layer.out_features) for layer, x in layers])
+        return real(device, precision, layers)
+
+    monkeypatch.setattr(calibration, "_forward_backward_rates", spy)
+    tables, _ = calibration.matmul_rates(torch.device("cpu"), ("fp32",))
+    assert measured == [[(8, 16, 16), (8, 8, 32), (8, 32, 8)], [(16, 32, 32), (16, 16, 64), (16, 64, 16)]]
+    assert [flops for flops, _ in tables["fp32"]] == [2.0 * 8 * 16 * 16, 2.0 * 16 * 32 * 32]
+    assert all(rate > 0 for _, rate in tables["fp32"])
+
+
 def test_the_rounds_medians_keep_sizes_measured_in_some_rounds_only() -> None:
     rounds = [{"t": [(1.0, 5.0), (2.0, 6.0)]}, {"t": [(1.0, 7.0)]}, {"t": [(1.0, 6.0), (2.0, 8.0)]}]
     assert calibration._medians(rounds) == {"t": [(1.0, 6.0), (2.0, 7.0)]}

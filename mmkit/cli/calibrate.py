@@ -25,7 +25,7 @@ def calibrate_cli(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the preset as one JSON document.")] = False,
 ) -> None:
-    """Time matmuls, memory bandwidth and per-operator cost here (about ten seconds), and write them as a GPU
+    """Time matmuls, memory bandwidth and per-operator cost here (about fifteen seconds), and write them as a GPU
     preset: plans with `--gpu NAME` then predict step times from measured figures."""
     import re
 
@@ -44,7 +44,7 @@ def calibrate_cli(
     preset = load_gpu_preset(base) if base else resolve_gpu("auto" if device.startswith("cuda") else "cpu")[0]
     settings = MmkitSettings()
     folder = out or settings.preset_dirs[0]
-    err_console.print(f"calibrating {device} (about ten seconds) …")
+    err_console.print(f"calibrating {device} (about fifteen seconds) …")
     measured = calibrate(device, preset, name)
     path = write_preset(measured, folder)
     if json_output:

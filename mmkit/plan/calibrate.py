@@ -74,18 +74,21 @@ def _autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, dtype=AMP_DTYPES.get(precision), enabled=precision in AMP_DTYPES)
 
 
-def _forward_backward_rates(device: torch.device, precision: str, layer: nn.Module,
-                            x: torch.Tensor) -> tuple[dict[str, float], float]:
-    """FLOP/s of `layer`'s forward + backward (input and weight gradients: 3 × the forward's FLOPs):
-    the FLOPs of its matmuls or convolutions over the time of those operators alone, timed one by
+Layers = list[tuple[nn.Module, torch.Tensor]]  # layers of one size (FLOPs per call), each with its input
+
+
+def _forward_backward_rates(device: torch.device, precision: str, layers: Layers) -> tuple[dict[str, float], float]:
+    """FLOP/s of the layers' forward + backward (input and weight gradients: 3 × the forward's FLOPs):
+    the FLOPs of their matmuls or convolutions over the time of those operators alone, timed one by
     one, as the time model charges them (autocast's casts and each operator's dispatch are charged
     apart, at their bandwidth and the per-operator cost). Keyed "" for all of them, and by the layout
     of matrix products' operands (`nt`: the forward, `nn`: the input gradient, `tn`: the weight
-    gradient); with the seconds of the first forward + backward."""
+    gradient); with the seconds of the first forward + backward of them all."""
     def step() -> None:
-        with _autocast(device, precision):
-            y = layer(x)
-        y.backward(torch.ones_like(y))
+        for layer, x in layers:
+            with _autocast(device, precision):
+                y = layer(x)
+            y.backward(torch.ones_like(y))
 
     start = time.perf_counter()
     step()
@@ -100,17 +103,17 @@ Table = list[tuple[float, float]]  # (FLOPs of one call, TFLOP/s), by size
 
 
 def _rate_tables(device: torch.device, precisions: tuple[str, ...],
-                 cases: list[tuple[float, Callable[[], tuple[nn.Module, torch.Tensor]]]]) -> tuple[dict[str, Table], dict[str, Table]]:
+                 cases: list[tuple[float, Callable[[], Layers]]]) -> tuple[dict[str, Table], dict[str, Table]]:
     """(FLOPs of one forward call, TFLOP/s) per precision, and per "PRECISION LAYOUT" for matrix
-    products, over `cases` (FLOPs, a builder of the layer and its input) from small to large. A
+    products, over `cases` (FLOPs, a builder of layers of that size and their inputs) from small to
+    large; a size's rate is its layers' FLOPs over their time, as if a model ran each once. A
     precision stops growing after a forward + backward that took SLOW_CALL_SECONDS: its rate has
     levelled off, and larger calls on such a slow device would take calibrate minutes."""
     out: dict[str, Table] = {}
     layouts: dict[str, Table] = {}
     for precision in precisions:
         for flops, build in cases:
-            layer, x = build()
-            rates, seconds = _forward_backward_rates(device, precision, layer, x)
+            rates, seconds = _forward_backward_rates(device, precision, build())
             out.setdefault(precision, []).append((flops, rates.pop("") / 1e12))
             for layout, rate in rates.items():
                 layouts.setdefault(f"{precision} {layout}", []).append((flops, rate / 1e12))
@@ -120,22 +123,26 @@ def _rate_tables(device: torch.device, precisions: tuple[str, ...],
 
 
 def matmul_rates(device: torch.device, precisions: tuple[str, ...]) -> tuple[dict[str, Table], dict[str, Table]]:
-    """(FLOPs of one matmul, TFLOP/s) per precision, and per precision and layout of the operands: a
-    Linear layer's forward and backward at LINEAR_SHAPES, as training runs it (autocast for
-    bf16/fp16, transposed operands in backward)."""
-    def case(m: int, k: int, n: int) -> tuple[float, Callable[[], tuple[nn.Module, torch.Tensor]]]:
-        return 2.0 * m * k * n, lambda: (nn.Linear(k, n, bias=False).to(device),
-                                         torch.randn(m, k, device=device, requires_grad=True))
+    """(FLOPs of one matmul, TFLOP/s) per precision, and per precision and layout of the operands:
+    Linear layers' forward and backward as training runs them (autocast for bf16/fp16, transposed
+    operands in backward), at each size of LINEAR_SHAPES three of them: the square one and the pair
+    a transformer's MLP has at the same FLOPs (in → 4 × in, then back). Where a kernel's speed
+    depends on the operands' aspect at equal FLOPs (bf16 `g @ w` on a CPU without bf16
+    instructions: twice as fast for a narrow `w`), a size's rate is that of the three together."""
+    def case(m: int, k: int, n: int) -> tuple[float, Callable[[], Layers]]:
+        shapes = ((k, n), (k // 2, 2 * n), (2 * k, n // 2))  # all 2·m·k·n FLOPs
+        return 2.0 * m * k * n, lambda: [(nn.Linear(a, b, bias=False).to(device),
+                                          torch.randn(m, a, device=device, requires_grad=True)) for a, b in shapes]
 
     return _rate_tables(device, precisions, [case(*shape) for shape in LINEAR_SHAPES])
 
 
 def conv_rates(device: torch.device, precisions: tuple[str, ...]) -> dict[str, Table]:
     """(FLOPs of one convolution's forward, TFLOP/s) per precision: a Conv1d's forward and backward."""
-    def case(batch: int, channels: int, length: int, kernel: int) -> tuple[float, Callable[[], tuple[nn.Module, torch.Tensor]]]:
-        return 2.0 * batch * channels * channels * kernel * length, lambda: (
+    def case(batch: int, channels: int, length: int, kernel: int) -> tuple[float, Callable[[], Layers]]:
+        return 2.0 * batch * channels * channels * kernel * length, lambda: [(
             nn.Conv1d(channels, channels, kernel, padding=kernel // 2).to(device),
-            torch.randn(batch, channels, length, device=device, requires_grad=True))
+            torch.randn(batch, channels, length, device=device, requires_grad=True))]
 
     return _rate_tables(device, precisions, [case(*shape) for shape in CONV_SHAPES])[0]
 
