@@ -33,13 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other", "all_gather")
 PHASE_CATEGORY = {"forward": "activations", "backward": "other", "optimizer": "other", "setup": "other"}
-STEP_PHASES = ("forward", "backward", "optimizer")  # a training step's phases (setup is not one)
+STEP_PHASES = ("forward", "backward", "optimizer")
+PRIM_DEVICE = torch.ops.prim.device.default  # a training step's phases (setup is not one)
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes; tracking for a GPU target
 # rounds each storage up the same way so that small tensors are not undercounted.
@@ -295,6 +297,11 @@ class LiveStorageTracker(TorchDispatchMode):
 
     # -- dispatch -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is PRIM_DEVICE and isinstance(args[0], FakeTensor) and not args[0].fake_mode.in_kernel_invocation:
+            # most of a simulated step's dispatches (autograd and the multi-tensor kernels ask every
+            # tensor's device): answered as the fake mode answers them, without dispatching again
+            self.ops += 1
+            return args[0].fake_device
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         if func.namespace == "prim":  # a metadata query (prim::device, most of a step's dispatches): no storage
