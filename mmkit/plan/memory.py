@@ -22,6 +22,7 @@ buffers and unsharded weights, and the reduce-scatter's input are all on the tra
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -296,21 +297,25 @@ def _simulate_fresh(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool
         return [rig._simulate(b) for b in batch_sizes]
     rig._build()  # once, before forking: the children share it
     children = []
-    for b in batch_sizes[:-1]:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: simulate, write one JSON document, exit without cleanup handlers
-            status = 1
-            try:
-                os.close(read_fd)
-                payload = json.dumps(dataclasses.asdict(rig._simulate(b))).encode()
-                with os.fdopen(write_fd, "wb") as pipe:
-                    pipe.write(payload)
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(write_fd)
-        children.append((b, pid, read_fd))
+    gc.freeze()  # the children's garbage collections leave the parent's objects alone (and their pages shared)
+    try:
+        for b in batch_sizes[:-1]:
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: simulate, write one JSON document, exit without cleanup handlers
+                status = 1
+                try:
+                    os.close(read_fd)
+                    payload = json.dumps(dataclasses.asdict(rig._simulate(b))).encode()
+                    with os.fdopen(write_fd, "wb") as pipe:
+                        pipe.write(payload)
+                    status = 0
+                finally:
+                    os._exit(status)
+            os.close(write_fd)
+            children.append((b, pid, read_fd))
+    finally:
+        gc.unfreeze()
     results = {batch_sizes[-1]: rig._simulate(batch_sizes[-1])}
     for b, pid, read_fd in children:
         with os.fdopen(read_fd, "rb") as pipe:
