@@ -123,11 +123,11 @@ NOTE_COUNT = (
 NOTE_PLAN = (
     "with a cold cache memory-plan simulates four training steps of lfm2 on fake tensors, in two rounds of two "
     "(batch 2 and the cap, then the predicted batch and the next), each round on both cores at once, so it is "
-    "slower while other jobs share them. Timed in one run on the AVX2 machine (10.1 s in all): import torch "
-    "1.5 s, torch._dynamo 1.3 s (fake tensors import it), the model's layer shapes 0.4 s, the fake model and "
-    "its optimizer state 1.0 s, the two rounds 2.8 s and 2.4 s (fake-tensor dispatch dominates their profile: "
-    "about 15,000 dispatches per step, a thousand of them meta kernels run again at each new batch size), the "
-    "inference forward 0.6 s. With a warm cache it reads the steps back and builds no model"
+    "slower while other jobs share them. Where the time goes, timed in runs of 10.1–11.0 s on the AVX2 machine: "
+    "import torch 1.4–1.6 s, torch._dynamo 1.3–1.6 s (fake tensors import it), the model's layer shapes 0.4 s, "
+    "the fake model and its optimizer state 0.9–1.1 s, each round 2.0–2.7 s (up to 4 s in busy minutes; "
+    "fake-tensor dispatch dominates its profile, a thousand of a step's meta kernels run again at each new "
+    "batch size), the inference forward 0.6–0.7 s. With a warm cache it reads the steps back and builds no model"
 )
 
 
