@@ -40,6 +40,9 @@ PARTS = {
 # The page whose figures `--update-docs` rewrites, between BEGIN and END (nothing else on it changes).
 PERFORMANCE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:performance -->", "<!-- /bench:performance -->"
+# The README's Performance section: the time-prediction table in short, between its own markers.
+README = PERFORMANCE_PAGE.parent.parent / "README.md"
+README_BEGIN, README_END = "<!-- bench:time-prediction -->", "<!-- /bench:time-prediction -->"
 
 
 def run_parts(names: list[str], quick: bool) -> dict[str, Any]:
@@ -109,14 +112,14 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_page(markdown: str, page: Path = PERFORMANCE_PAGE) -> None:
-    """Replace what lies between the page's BEGIN and END markers with `markdown`."""
+def update_page(markdown: str, page: Path = PERFORMANCE_PAGE, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between the page's `begin` and `end` markers with `markdown`."""
     text = page.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{page}: markers {BEGIN} … {END} not found")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    page.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{page}: markers {begin} … {end} not found")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{begin}\n{markdown}{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for report.md and report.json")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
-                        help="rewrite the figures in docs/performance.md (--update-readme: the old name)")
+                        help="rewrite the figures in docs/performance.md and the README's time-prediction table "
+                        "(--update-readme: the old name)")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: write report.md (and docs/performance.md with --update-docs) from report.json")
     args = parser.parse_args(argv)
@@ -166,6 +170,8 @@ def _write(report: dict[str, Any], out: Path, docs: bool) -> dict[str, Any]:
     (out / "report.md").write_text("# mmkit benchmark report\n\n" + markdown)
     if docs:
         update_page(markdown)
+        if "time_prediction" in report["parts"]:
+            update_page(time_prediction.readme_table(report["parts"]["time_prediction"]), README, README_BEGIN, README_END)
     print(markdown)
     return report
 

@@ -115,6 +115,27 @@ def to_markdown(part: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(part: dict[str, Any]) -> str:
+    """The table in short for the README: a row per model, each configuration's error with the
+    former estimate's in brackets, then the median and worst and the machine."""
+    from bench.common import machine_line
+
+    configs = [(b, p) for p in PRECISIONS for b in BATCH_SIZES]
+    by_model: dict[str, dict[tuple[int, str], dict[str, Any]]] = {}
+    for r in part["rows"]:
+        by_model.setdefault(f"{r['model']}:{r['size']}", {})[(r["batch_size"], r["precision"])] = r
+    lines = ["| model | " + " | ".join(f"{p}, batch {b}" for b, p in configs) + " |",
+             "|---|" + "---:|" * len(configs)]
+    for model, rows in by_model.items():
+        cells = [f"{rows[c]['error']:+.0%} ({rows[c]['old_error']:+.0%})" if c in rows else "—" for c in configs]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    new = [abs(r["error"]) for r in part["rows"]]
+    old = [abs(r["old_error"]) for r in part["rows"]]
+    lines += ["", f"Median \\|error\\| {statistics.median(new):.0%}, worst {max(new):.0%} (former estimate: "
+              f"{statistics.median(old):.0%}, {max(old):.0%}); {machine_line(part['machine'])}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     return part_main(__doc__, run, to_markdown, argv)
 

@@ -60,3 +60,22 @@ def test_the_performance_page_has_the_markers() -> None:
     text = runner.PERFORMANCE_PAGE.read_text()
     assert text.count(runner.BEGIN) == 1 and text.count(runner.END) == 1
 
+
+
+def test_the_readmes_time_prediction_table_is_the_benchs(tmp_path: Path) -> None:
+    from bench import time_prediction
+
+    text = runner.README.read_text()
+    assert text.count(runner.README_BEGIN) == 1 and text.count(runner.README_END) == 1
+    rows = [{"model": m, "size": "default", "batch_size": b, "precision": p, "error": e, "old_error": o}
+            for m, errors in (("a", (0.1, -0.2, 0.3, 0.05)), ("b", (0.0, 0.15, -0.4, 0.2)))
+            for (b, p), e, o in zip([(b, p) for p in ("fp32", "bf16") for b in (4, 16)], errors,
+                                    (0.5, -0.6, 0.7, -0.9), strict=True)]
+    machine = {"cpu": "CPU", "cores": 2, "torch_threads": 2, "torch": "2", "python": "3", "system": "L", "date": "d"}
+    table = time_prediction.readme_table({"rows": rows, "machine": machine})
+    assert "| a:default | +10% (+50%) | -20% (-60%) | +30% (+70%) | +5% (-90%) |" in table
+    assert "Median \\|error\\| 18%, worst 40% (former estimate: 65%, 90%)" in table
+    page = tmp_path / "README.md"
+    page.write_text(f"intro\n{runner.README_BEGIN}\nold\n{runner.README_END}\n")
+    runner.update_page(table, page, runner.README_BEGIN, runner.README_END)
+    assert table in page.read_text()
