@@ -189,7 +189,7 @@ def config_flops(entry: ModelEntry, config: ModelConfig) -> FlopCount:
     if _COUNTED.get(memo) is None:
         flops = _COUNTED[memo] = count_flops(_meta_model(entry, config), 1)
         store("flops", key, [flops.batch_size, flops.forward_flops, flops.train_flops])
-    return _COUNTED[memo]  # type: ignore[return-value]
+    return _COUNTED[memo]
 
 
 def config_forward_flops(entry: ModelEntry, config: ModelConfig, forward_hook: Hook | None = None) -> int:
