@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.common import goal, ms, part_main, quartiles, timed
+from bench.common import goal, machine_line, ms, part_main, quartiles, timed
 
 BATCH_SIZES = (4, 16)
 PRECISIONS = ("fp32", "bf16")
@@ -118,8 +118,6 @@ def to_markdown(part: dict[str, Any]) -> str:
 def readme_table(part: dict[str, Any]) -> str:
     """The table in short for the README: a row per model, each configuration's error with the
     former estimate's in brackets, then the median and worst and the machine."""
-    from bench.common import machine_line
-
     configs = [(b, p) for p in PRECISIONS for b in BATCH_SIZES]
     by_model: dict[str, dict[tuple[int, str], dict[str, Any]]] = {}
     for r in part["rows"]:

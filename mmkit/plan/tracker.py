@@ -40,8 +40,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other", "all_gather")
 PHASE_CATEGORY = {"forward": "activations", "backward": "other", "optimizer": "other", "setup": "other"}
-STEP_PHASES = ("forward", "backward", "optimizer")
-PRIM_DEVICE = torch.ops.prim.device.default  # a training step's phases (setup is not one)
+STEP_PHASES = ("forward", "backward", "optimizer")  # a training step's phases (setup is not one)
+PRIM_DEVICE = torch.ops.prim.device.default  # a tensor's device query, most of a simulated step's dispatches
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes; tracking for a GPU target
 # rounds each storage up the same way so that small tensors are not undercounted.
