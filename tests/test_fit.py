@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 from runhelpers import write_test_gpus
 
+from mmkit.cache import bypassed
 from mmkit.models import get_model_entry
 from mmkit.models.registry import size_config
 from mmkit.plan.fit import fit_to_budget, ladder_sizes
 from mmkit.plan.memory import (
+    FakeTrainingRig,
     StepSettings,
     config_param_count,
     simulate_training_step,
@@ -115,6 +117,17 @@ def test_two_points_predict_the_answer_moment_by_moment(model: str, gpu: int, sm
     assert result.chosen.fits and result.next_batch is not None and not result.next_batch.fits
     highs = [c.train.highs for c in result.considered if c.simulated]
     assert highs[0] and all(len(h) == len(highs[0]) for h in highs)
+
+
+def test_the_inference_forward_runs_beside_the_confirming_round(small_gpus: list[GpuPreset]) -> None:
+    entry = get_model_entry("clip")
+    with bypassed():
+        result = fit_to_budget(entry, small_gpus[1], size="default", max_batch_size=4096, inference=True)
+        rig = result.rigs[result.size]
+        kept = rig.cached_inference(result.batch_size)
+        alone = FakeTrainingRig(entry, result.config, rig.step)._simulate_inference(result.batch_size)
+    assert kept == alone > 0
+    assert rig.cached_inference(result.batch_size + 1) is None  # only the answer's
 
 
 def test_batch_one_is_simulated_only_where_two_does_not_fit(small_gpus: list[GpuPreset]) -> None:

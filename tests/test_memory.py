@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmkit.cache import bypassed
 from mmkit.errors import MmkitError
 from mmkit.models import get_model_entry, list_models
 from mmkit.models.registry import size_config
@@ -17,7 +18,7 @@ from mmkit.plan.memory import (
     simulate_training_step,
     with_gradient_checkpointing,
 )
-from mmkit.plan.tracker import CATEGORIES
+from mmkit.plan.tracker import CATEGORIES, LiveStorageTracker
 
 
 def small(name: str):
@@ -134,6 +135,39 @@ def test_parallel_simulation_equals_sequential() -> None:
     parallel = simulate_batches(rig, [2, 3], parallel=True)
     sequential = simulate_batches(rig, [2, 3], parallel=False)
     assert parallel == sequential
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_repeated_optimizer_phase_equals_a_simulated_one(name: str) -> None:
+    # every family, with the scaler (fp16) and clipping, SGD's loop, and the CPU target's fused AdamW
+    entry, config = small(name)
+    settings = {"lfm2": StepSettings(1, precision="fp16", gpu_target=True),
+                "separate": StepSettings(1, optimizer="sgd", gpu_target=True),
+                "multichannel": StepSettings(1, grad_clip=None)}.get(name, StepSettings(1, gpu_target=True))
+    with bypassed():
+        simulated = FakeTrainingRig(entry, config, settings)._simulate(5)  # a rig's first step runs every operator
+        rig = FakeTrainingRig(entry, config, settings)
+        rig._simulate(3)
+        steps = []
+        step = rig.optimizer.step
+        rig.optimizer.step = lambda *args, **kwargs: steps.append(1) or step(*args, **kwargs)  # type: ignore[method-assign]
+        repeated = rig._simulate(5)
+    assert steps == [] and repeated.ops > 0
+    assert repeated == simulated  # every category at the peak, each phase's peak, highs, operators and costs
+
+
+def test_a_phase_that_keeps_a_storage_is_not_left_as_found() -> None:
+    tracker = LiveStorageTracker()
+    with tracker:
+        tracker.set_phase("optimizer")
+        tracker.start_recording()
+        kept = torch.ones(8)
+        scratch = torch.ones(16)
+        del scratch
+        assert not tracker.left_as_found(but="gradients")
+        record = tracker.stop_recording()
+    assert kept.numel() == 8
+    assert [offset for offset, _ in record.moments] == [32, 96] and record.ops == 2
 
 
 def test_adamw_on_a_cpu_uses_the_fused_kernel_and_gpu_targets_keep_foreach() -> None:

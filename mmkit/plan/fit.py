@@ -85,10 +85,12 @@ class _Evaluator:
     """Simulates (size, batch) points once each and remembers them."""
 
     def __init__(
-        self, entry: ModelEntry, gpu: GpuPreset, budget: int, step: StepSettings, data_parallel: int = 1
+        self, entry: ModelEntry, gpu: GpuPreset, budget: int, step: StepSettings, data_parallel: int = 1,
+        inference: bool = False,
     ) -> None:
         self.entry, self.gpu, self.budget, self.step = entry, gpu, budget, step
         self.data_parallel = data_parallel
+        self.inference = inference  # simulate the inference forward at each candidate answer, beside its step
         self.cache: dict[tuple[str, int], Candidate] = {}
         self.simulations = 0
         self._params: dict[str, int] = {}
@@ -103,8 +105,10 @@ class _Evaluator:
             return {}
         return {"ddp_gradient_buckets": self._params[size] * DDP_GRADIENT_BYTES}
 
-    def many(self, size: str, config: ModelConfig, batch_sizes: list[int]) -> list[Candidate]:
-        """Evaluate several batch sizes of one size; uncached simulations run in parallel."""
+    def many(self, size: str, config: ModelConfig, batch_sizes: list[int], answer: int | None = None) -> list[Candidate]:
+        """Evaluate several batch sizes of one size; uncached simulations run in parallel. `answer`:
+        the batch these simulations would confirm as the fit's answer (its inference forward runs
+        beside them when asked for)."""
         if size not in self._params:
             self._params[size] = config_param_count(self.entry, config)
         extra = self.extra_overhead(size)
@@ -117,7 +121,8 @@ class _Evaluator:
         elif todo:
             if size not in self.rigs:
                 self.rigs[size] = FakeTrainingRig(self.entry, config, self.step)
-            for b, memory in zip(todo, simulate_batches(self.rigs[size], todo), strict=True):
+            inference_at = answer if self.inference else None
+            for b, memory in zip(todo, simulate_batches(self.rigs[size], todo, inference_at=inference_at), strict=True):
                 self.simulations += 1
                 overhead = self.gpu.overhead_bytes(memory.peak_tensors) | extra
                 total = memory.peak_tensors + sum(overhead.values())
@@ -151,7 +156,7 @@ def _max_batch(evaluate: _Evaluator, size: str, config: ModelConfig, low: int, c
         probe = min(max(guess, fit_hi + 1), upper)
         if (size, probe) in evaluate.cache or (probe + 1 <= upper and (size, probe + 1) in evaluate.cache):
             probe = (fit_hi + upper + 1) // 2  # the affine model was wrong once already: bisect
-        evaluate.many(size, config, [probe, probe + 1] if probe < upper else [probe])
+        evaluate.many(size, config, [probe, probe + 1] if probe < upper else [probe], answer=probe)
 
 
 def _affine_guess(evaluate: _Evaluator, size: str, fit_hi: int) -> int | None:
@@ -231,13 +236,16 @@ def fit_to_budget(
     data_parallel: int = 1,
     strategy: str = "ddp",
     fsdp_wrap: tuple[str, ...] | None = None,
+    inference: bool = False,
 ) -> FitResult:
     """Choose size and batch (where `auto`) so that the simulated total fits `gpu`'s budget.
 
     With `data_parallel` > 1 the batch is per GPU (the per-rank share) and the DDP gradient
     buckets are added to every candidate (with `strategy="fsdp"`, one rank's sharded step is
     simulated instead, units `fsdp_wrap` or the model's blocks). `size` is a named size or wN of `entry`, or `auto` (the
-    ladder); `overrides` (data widths, model settings) are applied to every width.
+    ladder); `overrides` (data widths, model settings) are applied to every width. With `inference`,
+    the inference forward at the batch a round of simulations is to confirm runs beside them (the
+    chosen size's rig then answers `inference(batch_size)` at once).
     """
     overrides = dict(overrides or {})
     if min_batch_size > max_batch_size:
@@ -247,7 +255,7 @@ def fit_to_budget(
         batch_size=1, precision=precision, optimizer=optimizer, gpu_target=gpu.device_type == "cuda",
         shards=data_parallel if strategy == "fsdp" else 1, fsdp_wrap=fsdp_wrap,
     )
-    evaluate = _Evaluator(entry, gpu, budget, step, data_parallel)
+    evaluate = _Evaluator(entry, gpu, budget, step, data_parallel, inference)
 
     auto_size = size == "auto"
     if auto_size:
@@ -270,7 +278,7 @@ def fit_to_budget(
         # the second batch is speculative: the cap, which ends the search if it fits and otherwise
         # brackets the answer, so that the affine model interpolates rather than extrapolates
         probes = [first, cap] if cap > first else [first]
-        return evaluate.many(name, config, probes)[0].fits or (first > low and evaluate(name, config, low).fits)
+        return evaluate.many(name, config, probes, answer=None if auto_batch else first)[0].fits or (first > low and evaluate(name, config, low).fits)
 
     chosen_index, chosen_batch, fits = None, low, False
     best: tuple[int, int] | None = None  # (batch, index) for prefer=batch

@@ -6,6 +6,12 @@ autocast, loss, scaled backward, clipping, optimizer step, zero_grad — execute
 step: the optimizer state exists before it starts, as it does from the second step of training
 on, which is where the peak of a run lies.
 
+A step's optimizer phase (clipping, the optimizer's step, zero_grad) touches only parameters,
+gradients and optimizer state: at every batch size it allocates and frees the same storages in the
+same order. The first step simulated on a rig records it, and the rig's later steps repeat that
+record from their own live state instead of dispatching its operators again (the same peaks,
+`highs`, operator counts and costs, to the byte: tests/test_memory.py checks every family).
+
 The simulation runs CPU kernels. For a GPU target it also uses the multi-tensor (foreach)
 optimizer kernels that torch picks on CUDA, whose temporaries differ from the fused AdamW kernel
 (or SGD's per-parameter loop) that training uses on the CPU, and rounds every storage up to the CUDA allocator's 512-byte granule. What tensors cannot show — the CUDA
@@ -26,6 +32,7 @@ import gc
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +47,7 @@ from mmkit.plan.tracker import (
     CUDA_ALLOCATION_GRANULE,
     STEP_PHASES,
     LiveStorageTracker,
+    PhaseRecord,
     fsdp_gradients_tracked,
     track_model_state,
     track_optimizer_state,
@@ -169,6 +177,9 @@ class FakeTrainingRig:
         self.granule = CUDA_ALLOCATION_GRANULE if step.gpu_target else 1
         self._built = False
         self.cache_hits = 0  # training steps answered by the simulation cache
+        self._inference: dict[int, int] = {}  # inference peaks simulated beside training steps
+        # the optimizer phase of the first step simulated here, repeated by the next (see PhaseRecord)
+        self._optimizer_phase: PhaseRecord | None = None
 
     def _build(self) -> None:
         if self._built:
@@ -213,9 +224,26 @@ class FakeTrainingRig:
         return simulate_batches(self, [batch_size])[0]
 
     def _simulate(self, batch_size: int) -> StepMemory:
+        """One step at `batch_size`. The optimizer phase does the same at every batch size: the first
+        step simulated on this rig records it, and the following ones repeat the record instead of
+        dispatching its operators again (`LiveStorageTracker.replay`; one rank's sharded step always
+        runs it)."""
         self._build()
         model = self.model.train()
         tracker = LiveStorageTracker(self.granule, record_costs=True)
+        replay = self._optimizer_phase
+        record = replay is None and self.step.shards == 1
+        recorded: list[PhaseRecord] = []
+
+        def on_phase(phase: str) -> None:
+            if record and phase == "done":
+                # kept where the phase left the live state as it found it, its gradients freed
+                found = tracker.left_as_found(but="gradients")
+                recorded.extend([tracker.stop_recording()] if found else [])
+            tracker.set_phase(phase)
+            if record and phase == "optimizer":
+                tracker.start_recording()
+
         with self.mode, fsdp_gradients_tracked(tracker):
             handles = track_model_state(tracker, model, self.optimizer)
             tracker.track(self._persistent_extras(), "other")
@@ -226,17 +254,40 @@ class FakeTrainingRig:
                     training_step(
                         model, self.optimizer, inputs, labels,
                         precision=self.step.precision, scaler=self.scaler, grad_clip=self.step.grad_clip,
-                        contrastive_weight=self.step.contrastive_weight, on_phase=tracker.set_phase,
+                        contrastive_weight=self.step.contrastive_weight, on_phase=on_phase,
                         clip_foreach=self.step.clip_foreach,
+                        optimizer_phase=None if replay is None else lambda: self._replay(tracker, replay),
                     )
             finally:
                 for handle in handles:
                     handle.remove()
+        if recorded:
+            self._optimizer_phase = recorded[0]
         return _step_memory(tracker)
+
+    def _replay(self, tracker: LiveStorageTracker, record: PhaseRecord) -> None:
+        """The recorded optimizer phase again, then its end: zero_grad's freeing of the gradients
+        (whose own dispatches the record counted already)."""
+        tracker.replay(record)
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
 
     def inference(self, batch_size: int) -> int:
         """Peak live tensor bytes of one inference forward (eval mode, no autograd)."""
+        known = self._inference.get(batch_size)
+        if known is not None:
+            return known
         return cached("inference", self.cache_key(batch_size), lambda: self._simulate_inference(batch_size))
+
+    def cached_inference(self, batch_size: int) -> int | None:
+        """The inference peak at `batch_size` if this rig or the simulation cache has it, else None."""
+        known = self._inference.get(batch_size)
+        return known if known is not None else lookup("inference", self.cache_key(batch_size), decode=int)
+
+    def keep_inference(self, batch_size: int, peak: int) -> None:
+        self._inference[batch_size] = peak
+        store("inference", self.cache_key(batch_size), peak)
 
     def _simulate_inference(self, batch_size: int) -> int:
         self._build()
@@ -280,49 +331,65 @@ def release_fake_process_group() -> None:
         dist.destroy_process_group()
 
 
-def simulate_batches(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool = True) -> list[StepMemory]:
+def simulate_batches(
+    rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool = True, inference_at: int | None = None,
+) -> list[StepMemory]:
     """Simulate several batch sizes on one rig, those the simulation cache holds read from it; with
     two or more cores, forked children take all but the last of the others (results come back as
-    JSON over a pipe). A failed child is simulated again here."""
+    JSON over a pipe). A failed child is simulated again here.
+
+    `inference_at`: also the inference forward at that batch (`rig.inference` then answers it), in
+    a child of its own beside the training steps, where neither this rig nor the cache has it.
+    """
     known = {b: m for b in batch_sizes if (m := rig.cached_training_step(b)) is not None}
     todo = [b for b in batch_sizes if b not in known]
-    for b, memory in zip(todo, _simulate_fresh(rig, todo, parallel), strict=True):
+    jobs: list[Callable[[], Any]] = [lambda b=b: dataclasses.asdict(rig._simulate(b)) for b in todo]
+    with_inference = inference_at is not None and rig.cached_inference(inference_at) is None
+    if with_inference and todo:  # a forward alone is the shortest job: a child's, not the parent's
+        jobs.insert(0, lambda: rig._simulate_inference(inference_at))
+    results = _run_jobs(rig, jobs, parallel)
+    if with_inference and todo:
+        rig.keep_inference(inference_at, int(results.pop(0)))
+    for b, payload in zip(todo, results, strict=True):
+        memory = StepMemory(**payload)
         store("train-step", rig.cache_key(b), dataclasses.asdict(memory))
         known[b] = memory
     return [known[b] for b in batch_sizes]
 
 
-def _simulate_fresh(rig: FakeTrainingRig, batch_sizes: list[int], parallel: bool) -> list[StepMemory]:
-    if len(batch_sizes) < 2 or not parallel or not hasattr(os, "fork") or (os.cpu_count() or 1) < 2:
-        return [rig._simulate(b) for b in batch_sizes]
+def _run_jobs(rig: FakeTrainingRig, jobs: list[Callable[[], Any]], parallel: bool) -> list[Any]:
+    """Each job's JSON-serialisable result: all but the last in forked children, the last here."""
+    if len(jobs) < 2 or not parallel or not hasattr(os, "fork") or (os.cpu_count() or 1) < 2:
+        return [job() for job in jobs]
     rig._build()  # once, before forking: the children share it
     children = []
     gc.freeze()  # the children's garbage collections leave the parent's objects alone (and their pages shared)
     try:
-        for b in batch_sizes[:-1]:
+        for job in jobs[:-1]:
             read_fd, write_fd = os.pipe()
             pid = os.fork()
-            if pid == 0:  # child: simulate, write one JSON document, exit without cleanup handlers
+            if pid == 0:  # child: run the job, write one JSON document, exit without cleanup handlers
                 status = 1
                 try:
                     os.close(read_fd)
-                    payload = json.dumps(dataclasses.asdict(rig._simulate(b))).encode()
+                    payload = json.dumps(job()).encode()
                     with os.fdopen(write_fd, "wb") as pipe:
                         pipe.write(payload)
                     status = 0
                 finally:
                     os._exit(status)
             os.close(write_fd)
-            children.append((b, pid, read_fd))
+            children.append((job, pid, read_fd))
     finally:
         gc.unfreeze()
-    results = {batch_sizes[-1]: rig._simulate(batch_sizes[-1])}
-    for b, pid, read_fd in children:
+    last = jobs[-1]()
+    results = []
+    for job, pid, read_fd in children:
         with os.fdopen(read_fd, "rb") as pipe:
             payload = pipe.read()
         _, status = os.waitpid(pid, 0)
-        results[b] = StepMemory(**json.loads(payload)) if status == 0 and payload else rig._simulate(b)
-    return [results[b] for b in batch_sizes]
+        results.append(json.loads(payload) if status == 0 and payload else job())
+    return [*results, last]
 
 
 def simulate_training_step(entry: ModelEntry, config: ModelConfig, step: StepSettings) -> StepMemory:

@@ -27,6 +27,7 @@ because it is several times faster under fake tensors.
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,20 @@ class PeakSnapshot:
     peak_bytes: int
     by_category: dict[str, int]
     phase: str  # where the peak happened: forward, backward, optimizer
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """What one phase of a step did on the tracker, as offsets from the live state it started from:
+    the total and each category after every growth, the operators dispatched and their costs.
+
+    A training step's optimizer phase (clipping, the optimizer's step, zero_grad) touches only
+    parameters, gradients and optimizer state, so at another batch size it allocates and frees the
+    same storages in the same order: `LiveStorageTracker.replay` repeats it from any live state."""
+
+    moments: tuple[tuple[int, tuple[int, ...]], ...]  # (total offset, offsets in CATEGORIES order)
+    ops: int
+    costs: dict[tuple[str, str, int, int], int]
 
 
 def _storages(tensors: Iterable[object]) -> list[torch.UntypedStorage]:
@@ -187,7 +202,8 @@ class OpCosts:
 
     def as_list(self) -> list[list]:
         """[[operator, dtype, flops, bytes, calls], ...], largest FLOPs·calls first (JSON-friendly)."""
-        return sorted(([*key, n] for key, n in self.calls.items()), key=lambda r: (-r[2] * r[4], -r[3] * r[4], r[0]))
+        return sorted(([*key, n] for key, n in self.calls.items()),
+                      key=lambda r: (-r[2] * r[4], -r[3] * r[4], r[0], r[1], r[2], r[3]))
 
 
 class LiveStorageTracker(TorchDispatchMode):
@@ -209,6 +225,8 @@ class LiveStorageTracker(TorchDispatchMode):
         self.ops = 0  # operators dispatched: each is at least one kernel launch on a GPU
         self._weight_storages: set[int] = set()
         self.costs: OpCosts | None = OpCosts() if record_costs else None
+        self._recording: tuple[int, dict[str, int], int, dict] | None = None  # start_recording's snapshot
+        self._moments: list[tuple[int, tuple[int, ...]]] = []
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _rounded(self, nbytes: int) -> int:
@@ -238,6 +256,9 @@ class LiveStorageTracker(TorchDispatchMode):
         """After the live total grew: the phase's and the step's peaks, with the categories at the peak."""
         if self.phase in STEP_PHASES:
             self.highs.append(self.total)
+        if self._recording is not None:
+            total, current, _, _ = self._recording
+            self._moments.append((self.total - total, tuple(self.current[c] - current[c] for c in CATEGORIES)))
         if self.total > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.total
         if self.total > self.peak.peak_bytes:
@@ -294,6 +315,48 @@ class LiveStorageTracker(TorchDispatchMode):
     def set_phase(self, phase: str) -> None:
         self.phase = phase
         self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), self.total)
+
+    # -- a phase recorded and repeated -----------------------------------------------------------
+    def start_recording(self) -> None:
+        """From here to `stop_recording`, keep what the phase does as offsets from the present state."""
+        calls = dict(self.costs.calls) if self.costs is not None else {}
+        self._recording, self._moments = (self.total, dict(self.current), self.ops, calls), []
+
+    def stop_recording(self) -> PhaseRecord:
+        assert self._recording is not None, "stop_recording without start_recording"
+        _, _, ops, calls = self._recording
+        now = self.costs.calls if self.costs is not None else {}
+        costs = {key: n - calls.get(key, 0) for key, n in now.items() if n != calls.get(key, 0)}
+        record = PhaseRecord(tuple(self._moments), self.ops - ops, costs)
+        self._recording, self._moments = None, []
+        return record
+
+    def left_as_found(self, but: str) -> bool:
+        """Since `start_recording`: is every category where it was, except `but`, now freed entirely?"""
+        assert self._recording is not None
+        _, current, _, _ = self._recording
+        return self.current[but] == 0 and all(self.current[c] == current[c] for c in CATEGORIES if c != but)
+
+    def replay(self, record: PhaseRecord) -> None:
+        """Repeat a recorded phase from the present live state, as its operators would have run it:
+        each growth at the same offsets (peaks and `highs` as they note them), the operators and
+        their costs counted. The phase's own storages are not made: the live state is left as it is."""
+        total, current = self.total, self.current
+        collecting = gc.isenabled()
+        gc.disable()  # no storage is freed meanwhile (its callback would update the moment's figures)
+        try:
+            for offset, offsets in record.moments:
+                self.total = total + offset
+                self.current = {c: current[c] + d for c, d in zip(CATEGORIES, offsets, strict=True)}
+                self._note_peak()
+        finally:
+            self.total, self.current = total, current
+            if collecting:
+                gc.enable()
+        self.ops += record.ops
+        if self.costs is not None:
+            for key, n in record.costs.items():
+                self.costs.calls[key] = self.costs.calls.get(key, 0) + n
 
     # -- dispatch -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]

@@ -372,7 +372,7 @@ def resolve_run(options: RunOptions, *, load_data: bool = True, simulate: bool =
         fit = winner.fit
         size_name, config, batch_size = fit.size, fit.config, options.target_batch
     elif gpu is not None:
-        fit = _fit(entry, gpu, recipe, overrides, choice.precision, options)
+        fit = _fit(entry, gpu, recipe, overrides, choice.precision, options, plan=simulate)
         size_name, config, batch_size = fit.size, fit.config, fit.batch_size * options.nproc
         if any(v == "auto" for v in (recipe.size, recipe.batch_size)):
             if not fit.chosen.fits and not simulate:
@@ -500,7 +500,9 @@ def _target_gpu(options: RunOptions, recipe: TrainingSettings, *, needed: bool) 
 
 
 def _fit(entry: ModelEntry, gpu: GpuPreset, recipe: TrainingSettings, overrides: Mapping[str, Any],
-         precision: str, options: RunOptions) -> FitResult:
+         precision: str, options: RunOptions, *, plan: bool) -> FitResult:
+    """The fit of a run; `plan` (memory-plan) simulates the inference forward it reports beside the fit's
+    confirming steps."""
     from mmkit.plan.fit import fit_to_budget
 
     batch = recipe.batch_size if recipe.batch_size == "auto" else int(recipe.batch_size) // options.nproc
@@ -509,7 +511,7 @@ def _fit(entry: ModelEntry, gpu: GpuPreset, recipe: TrainingSettings, overrides:
         precision=precision, optimizer=recipe.optimizer, gradient_checkpointing=recipe.gradient_checkpointing,
         margin=options.margin, min_batch_size=recipe.min_batch_size, max_batch_size=recipe.max_batch_size,
         prefer=options.prefer or "width", strategy=recipe.strategy,
-        fsdp_wrap=tuple(recipe.fsdp_wrap) if recipe.fsdp_wrap else None,
+        fsdp_wrap=tuple(recipe.fsdp_wrap) if recipe.fsdp_wrap else None, inference=plan,
     )
 
 

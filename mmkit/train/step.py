@@ -90,6 +90,7 @@ def training_step(
     on_phase: Phase = _no_phase,
     forward_loss: ForwardLoss | None = None,
     clip_foreach: bool | None = None,
+    optimizer_phase: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Forward, loss, backward and (when `step_optimizer`) clip + step + zero_grad.
 
@@ -97,7 +98,9 @@ def training_step(
     `step_optimizer=False` gradients accumulate and the optimizer is left alone. `forward_loss`
     replaces the forward pass and `compute_loss` (continual learning brings its own).
     `clip_foreach` is clipping's `foreach` (None: torch's choice, the multi-tensor kernels for a CPU or
-    CUDA model's plain tensors). Returns the (unscaled, detached) loss.
+    CUDA model's plain tensors). `optimizer_phase` runs in place of clipping, the optimizer step and
+    zero_grad (the memory simulation repeats a phase it recorded, mmkit.plan.memory). Returns the
+    (unscaled, detached) loss.
     """
     device_type = labels.device.type
     on_phase("forward")
@@ -111,7 +114,10 @@ def training_step(
     on_phase("backward")
     scaled = loss * loss_scale
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    if step_optimizer:
+    if step_optimizer and optimizer_phase is not None:
+        on_phase("optimizer")
+        optimizer_phase()
+    elif step_optimizer:
         on_phase("optimizer")
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
