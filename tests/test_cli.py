@@ -79,3 +79,19 @@ def test_python_dash_m_and_console_script_work() -> None:
     out = subprocess.run([sys.executable, "-m", "mmkit", "count", "nosuch"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_only_the_mmkit_process_freezes_what_a_command_imports(monkeypatch) -> None:
+    import gc
+
+    from mmkit.cli import common
+
+    assert gc.get_freeze_count() == 0
+    result = invoke("count", "multichannel", "--json")  # in a caller's process (tests, a notebook)
+    assert result.exit_code == 0 and gc.get_freeze_count() == 0
+    monkeypatch.setattr(common, "FREEZE_IMPORTS", True)  # as mmkit.cli.app.main sets it
+    try:
+        common.import_for_command("json")
+        assert gc.get_freeze_count() > 0 and gc.isenabled()
+    finally:
+        gc.unfreeze()

@@ -170,6 +170,21 @@ def test_a_phase_that_keeps_a_storage_is_not_left_as_found() -> None:
     assert [offset for offset, _ in record.moments] == [32, 96] and record.ops == 2
 
 
+def test_forked_simulation_unfreezes_only_what_it_froze() -> None:
+    import gc
+
+    entry, config = small("multichannel")
+    with bypassed():
+        simulate_batches(FakeTrainingRig(entry, config, StepSettings(batch_size=1)), [2, 3], parallel=True)
+        assert gc.get_freeze_count() == 0  # a caller's process is left as it was
+        gc.freeze()  # the mmkit process froze its imports: they stay frozen
+        try:
+            simulate_batches(FakeTrainingRig(entry, config, StepSettings(batch_size=1)), [4, 5], parallel=True)
+            assert gc.get_freeze_count() > 0
+        finally:
+            gc.unfreeze()
+
+
 def test_adamw_on_a_cpu_uses_the_fused_kernel_and_gpu_targets_keep_foreach() -> None:
     from mmkit.models.registry import create_model
     from mmkit.train.step import build_optimizer

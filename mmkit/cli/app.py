@@ -10,7 +10,7 @@ import typer.core
 from typer.core import TyperGroup
 
 from mmkit import __version__
-from mmkit.cli import calibrate, compare, count, data, eval, memory_plan, report, train
+from mmkit.cli import calibrate, common, compare, count, data, eval, memory_plan, report, train
 
 # Typer >= 0.20 vendors click as typer._click; older releases use click itself.
 click: Any = getattr(typer.core, "_click", None) or __import__("click")
@@ -100,6 +100,7 @@ def root(
 
 def main() -> None:
     """Console entry point. Internal errors show a traceback only with MMKIT_DEBUG=1."""
+    common.FREEZE_IMPORTS = True  # this process is the command (see common.import_for_command)
     try:
         app()
     except Exception as exc:

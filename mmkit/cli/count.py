@@ -11,6 +11,7 @@ from mmkit.cli.common import (
     console,
     human_bytes,
     human_count,
+    import_for_command,
     one_line_errors,
     parse_set_options,
     print_json,
@@ -48,6 +49,7 @@ def count_cli(
     overrides = parse_set_options(set_, strip_prefix="model.")
     inputs = dict(parse_input_options(input_))
     check_model_name(model)  # a mistyped name is reported before torch loads
+    import_for_command("mmkit.plan.count", "torch._dynamo")  # the first Python meta kernel imports torch._dynamo
     from mmkit.plan.count import count_model
 
     report = count_model(model, size=size, overrides=overrides, batch_size=batch_size, depth=depth, inputs=inputs)

@@ -12,6 +12,7 @@ from mmkit.cli.common import (
     err_console,
     human_bytes,
     human_duration,
+    import_for_command,
     one_line_errors,
     parse_auto_int,
     parse_set_options,
@@ -94,6 +95,8 @@ def memory_plan_cli(
     check_strategy(strategy)
     model = model or MmkitSettings().model
     check_model_name(model)  # a mistyped name is reported before torch loads, and before any note
+    # torch._dynamo too: the first Python meta or fake kernel imports it
+    import_for_command("mmkit.train.resolve", "mmkit.plan.planner", "torch._dynamo")
     from mmkit.train.resolve import RunOptions, check_request
 
     options = RunOptions(

@@ -363,7 +363,10 @@ def _run_jobs(rig: FakeTrainingRig, jobs: list[Callable[[], Any]], parallel: boo
         return [job() for job in jobs]
     rig._build()  # once, before forking: the children share it
     children = []
-    gc.freeze()  # the children's garbage collections leave the parent's objects alone (and their pages shared)
+    # the children's garbage collections leave the parent's objects alone (and their pages shared), and
+    # so do the parent's own while it runs the last job; a process that froze its objects keeps them so
+    frozen_before = gc.get_freeze_count() > 0
+    gc.freeze()
     try:
         for job in jobs[:-1]:
             read_fd, write_fd = os.pipe()
@@ -380,15 +383,16 @@ def _run_jobs(rig: FakeTrainingRig, jobs: list[Callable[[], Any]], parallel: boo
                     os._exit(status)
             os.close(write_fd)
             children.append((job, pid, read_fd))
+        last = jobs[-1]()
+        results = []
+        for job, pid, read_fd in children:
+            with os.fdopen(read_fd, "rb") as pipe:
+                payload = pipe.read()
+            _, status = os.waitpid(pid, 0)
+            results.append(json.loads(payload) if status == 0 and payload else job())
     finally:
-        gc.unfreeze()
-    last = jobs[-1]()
-    results = []
-    for job, pid, read_fd in children:
-        with os.fdopen(read_fd, "rb") as pipe:
-            payload = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        results.append(json.loads(payload) if status == 0 and payload else job())
+        if not frozen_before:
+            gc.unfreeze()
     return [*results, last]
 
 
