@@ -33,9 +33,10 @@ FREEZE_IMPORTS = False
 def import_for_command(*modules: str) -> None:
     """Import what a command needs of torch and mmkit. In the `mmkit` process itself the garbage
     collector pauses meanwhile and every object alive is then frozen (`gc.freeze`): modules, classes
-    and functions live as long as the process. Importing torch and torch._dynamo otherwise runs
-    several full collections, and every later one walks their few hundred thousand objects again
-    (0.1–0.2 s each on a 2-core machine); simulation children forked later share them untouched."""
+    and functions live as long as the process. Importing torch (and torch._dynamo, which the first
+    Python meta kernel imports) otherwise runs several full collections, and every later one walks
+    their few hundred thousand objects again (0.1–0.2 s each on a 2-core machine); simulation
+    children forked later share them untouched."""
     import gc
     import importlib
 

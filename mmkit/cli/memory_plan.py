@@ -95,8 +95,7 @@ def memory_plan_cli(
     check_strategy(strategy)
     model = model or MmkitSettings().model
     check_model_name(model)  # a mistyped name is reported before torch loads, and before any note
-    # torch._dynamo too: the first Python meta or fake kernel imports it
-    import_for_command("mmkit.train.resolve", "mmkit.plan.planner", "torch._dynamo")
+    import_for_command("mmkit.train.resolve", "mmkit.plan.planner")
     from mmkit.train.resolve import RunOptions, check_request
 
     options = RunOptions(
