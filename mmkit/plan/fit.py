@@ -278,7 +278,8 @@ def fit_to_budget(
         # the second batch is speculative: the cap, which ends the search if it fits and otherwise
         # brackets the answer, so that the affine model interpolates rather than extrapolates
         probes = [first, cap] if cap > first else [first]
-        return evaluate.many(name, config, probes, answer=None if auto_batch else first)[0].fits or (first > low and evaluate(name, config, low).fits)
+        answer = None if auto_batch else first
+        return evaluate.many(name, config, probes, answer)[0].fits or (first > low and evaluate(name, config, low).fits)
 
     chosen_index, chosen_batch, fits = None, low, False
     best: tuple[int, int] | None = None  # (batch, index) for prefer=batch

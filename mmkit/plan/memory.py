@@ -28,6 +28,7 @@ buffers and unsharded weights, and the reduce-scatter's input are all on the tra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -237,9 +238,10 @@ class FakeTrainingRig:
 
         def on_phase(phase: str) -> None:
             if record and phase == "done":
-                # kept where the phase left the live state as it found it, its gradients freed
                 found = tracker.left_as_found(but="gradients")
-                recorded.extend([tracker.stop_recording()] if found else [])
+                phase_record = tracker.stop_recording()
+                if found:  # the phase left the live state as it found it, the gradients freed: repeatable
+                    recorded.append(phase_record)
             tracker.set_phase(phase)
             if record and phase == "optimizer":
                 tracker.start_recording()
@@ -344,12 +346,12 @@ def simulate_batches(
     known = {b: m for b in batch_sizes if (m := rig.cached_training_step(b)) is not None}
     todo = [b for b in batch_sizes if b not in known]
     jobs: list[Callable[[], Any]] = [lambda b=b: dataclasses.asdict(rig._simulate(b)) for b in todo]
-    with_inference = inference_at is not None and rig.cached_inference(inference_at) is None
-    if with_inference and todo:  # a forward alone is the shortest job: a child's, not the parent's
-        jobs.insert(0, lambda: rig._simulate_inference(inference_at))
+    inference = inference_at if todo and inference_at is not None and rig.cached_inference(inference_at) is None else None
+    if inference is not None:  # a forward alone is the shortest job: a child's, not the parent's
+        jobs.insert(0, functools.partial(rig._simulate_inference, inference))
     results = _run_jobs(rig, jobs, parallel)
-    if with_inference and todo:
-        rig.keep_inference(inference_at, int(results.pop(0)))
+    if inference is not None:
+        rig.keep_inference(inference, int(results.pop(0)))
     for b, payload in zip(todo, results, strict=True):
         memory = StepMemory(**payload)
         store("train-step", rig.cache_key(b), dataclasses.asdict(memory))
