@@ -114,20 +114,23 @@ NOTE_STARTUP = (
 
 NOTE_COUNT = (
     "mmkit's own imports take about 0.1 s and the count itself about 0.6 s; the rest is torch importing "
-    "torch._dynamo (about 1–1.6 s and 100 MB here) the first time a Python meta kernel runs: torch's "
-    "elementwise references (relu, add, normal_, ...) are wrapped in torch._disable_dynamo, which imports it. "
-    "Counting on the meta device needs those kernels, so mmkit cannot avoid it without patching torch"
+    "torch._dynamo (about 1–1.3 s and 100 MB here; the mmkit process imports it with the garbage collector "
+    "paused, then freezes it) the first time a Python meta kernel runs: torch's elementwise references "
+    "(relu, add, normal_, ...) are wrapped in torch._disable_dynamo, which imports it. Counting on the meta "
+    "device needs those kernels, so mmkit cannot avoid it without patching torch"
 )
 
 
 NOTE_PLAN = (
     "with a cold cache memory-plan simulates four training steps of lfm2 on fake tensors, in two rounds of two "
-    "(batch 2 and the cap, then the predicted batch and the next), each round on both cores at once, so it is "
-    "slower while other jobs share them. Where the time goes, timed in runs of 10.1–11.0 s on the AVX2 machine: "
-    "import torch 1.4–1.6 s, torch._dynamo 1.3–1.6 s (fake tensors import it), the model's layer shapes 0.4 s, "
-    "the fake model and its optimizer state 0.9–1.1 s, each round 2.0–2.7 s (up to 4 s in busy minutes; "
-    "fake-tensor dispatch dominates its profile, a thousand of a step's meta kernels run again at each new "
-    "batch size), the inference forward 0.6–0.7 s. With a warm cache it reads the steps back and builds no model"
+    "(batch 2 and the cap, then the predicted batch and the next, the inference forward beside them), each "
+    "round on both cores at once, so it is slower while other jobs share them; after the first step the "
+    "optimizer phase is repeated from its record rather than dispatched again. Where the time goes, timed in "
+    "runs of 8.6–8.9 s on the AVX2 machine: import torch and mmkit 1.5–1.6 s, torch._dynamo 1.0–1.2 s (the "
+    "first model built on the meta device imports it), the model's layer shapes 0.4 s, the fake model and "
+    "its optimizer state 1.0–1.1 s, the first round 2.3–2.5 s (fake-tensor dispatch dominates its profile, "
+    "a thousand of a step's meta kernels run again at each new batch size), the second 2.0–2.1 s. With a "
+    "warm cache it reads the steps back and builds no model"
 )
 
 
