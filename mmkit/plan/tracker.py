@@ -323,6 +323,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self._recording, self._moments = (self.total, dict(self.current), self.ops, calls), []
 
     def stop_recording(self) -> PhaseRecord:
+        """What the phase did since `start_recording`."""
         assert self._recording is not None, "stop_recording without start_recording"
         _, _, ops, calls = self._recording
         now = self.costs.calls if self.costs is not None else {}
@@ -343,7 +344,7 @@ class LiveStorageTracker(TorchDispatchMode):
         their costs counted. The phase's own storages are not made: the live state is left as it is."""
         total, current = self.total, self.current
         collecting = gc.isenabled()
-        gc.disable()  # no storage is freed meanwhile (its callback would update the moment's figures)
+        gc.disable()  # no storage freed meanwhile: its callback would change figures that are put back after
         try:
             for offset, offsets in record.moments:
                 self.total = total + offset
