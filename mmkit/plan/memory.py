@@ -277,10 +277,11 @@ class FakeTrainingRig:
 
     def inference(self, batch_size: int) -> int:
         """Peak live tensor bytes of one inference forward (eval mode, no autograd)."""
-        known = self._inference.get(batch_size)
-        if known is not None:
-            return known
-        return cached("inference", self.cache_key(batch_size), lambda: self._simulate_inference(batch_size))
+        peak = self.cached_inference(batch_size)
+        if peak is None:
+            peak = self._simulate_inference(batch_size)
+            self.keep_inference(batch_size, peak)
+        return peak
 
     def cached_inference(self, batch_size: int) -> int | None:
         """The inference peak at `batch_size` if this rig or the simulation cache has it, else None."""
@@ -288,6 +289,7 @@ class FakeTrainingRig:
         return known if known is not None else lookup("inference", self.cache_key(batch_size), decode=int)
 
     def keep_inference(self, batch_size: int, peak: int) -> None:
+        """Remember a simulated inference peak here and in the simulation cache."""
         self._inference[batch_size] = peak
         store("inference", self.cache_key(batch_size), peak)
 
